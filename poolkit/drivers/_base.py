@@ -1,0 +1,149 @@
+"""The generic driver: what any PEP 249 driver supports."""
+
+from __future__ import annotations
+
+import errno
+import sys
+from typing import Any
+
+# Transaction states, as plain ints: the release path reads one per checkin.
+IDLE = 0  # nothing to undo
+IN_TRANSACTION = 1  # roll back before reuse
+UNKNOWN = 2  # the driver cannot tell: roll back to be sure
+BROKEN = 3  # the connection cannot be reused (closed, mid-query, state unknowable)
+
+NETWORK_ERRNOS = frozenset(
+    {
+        errno.ECONNRESET,
+        errno.EPIPE,
+        errno.ECONNABORTED,
+        errno.ECONNREFUSED,
+        errno.ENOTCONN,
+        errno.ETIMEDOUT,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ENETDOWN,
+        errno.EHOSTDOWN,
+    }
+)
+
+# Message fragments that mean the connection is gone, for drivers that raise
+# a bare OperationalError/InterfaceError without a code.
+DISCONNECT_PHRASES = (
+    "server closed the connection",
+    "connection is closed",
+    "connection already closed",
+    "connection was closed",
+    "lost connection",
+    "has gone away",
+    "broken pipe",
+    "connection reset",
+    "connection refused",
+    "connection closed by server",
+    "terminating connection",
+    "cannot operate on a closed",
+)
+
+
+class Driver:
+    """Support for one DB-API driver. The base class is the generic fallback.
+
+    Subclass it and :func:`poolkit.drivers.register_driver` it to teach
+    poolkit about another driver or to change a rule of a built-in one.
+    """
+
+    #: short name, used in logs and stats
+    name = "generic"
+
+    def socket_fd(self, conn: Any) -> int | None:
+        """The file descriptor of the connection's socket, for the liveness
+        probe, or None when there is none (embedded databases) or it cannot
+        be found."""
+        fileno = getattr(conn, "fileno", None)
+        if callable(fileno):
+            try:
+                fd = fileno()
+            except Exception:
+                return None
+            return fd if isinstance(fd, int) and fd >= 0 else None
+        return None
+
+    def transaction_state(self, conn: Any) -> int:
+        """One of IDLE, IN_TRANSACTION, UNKNOWN, BROKEN."""
+        return UNKNOWN
+
+    def ping(self, conn: Any, timeout: float) -> None:
+        """Raise if the connection is not usable. A generic driver gives no
+        way to bound the wait, so ``timeout`` is advisory here."""
+        cur = conn.cursor()
+        try:
+            cur.execute("SELECT 1")
+            cur.fetchall()
+        finally:
+            cur.close()
+        # the SELECT may have opened a transaction on drivers without autocommit
+        conn.rollback()
+
+    def reset_session(self, conn: Any) -> None:
+        """Make a used connection look fresh: session variables, temporary
+        tables, locks. The generic driver knows no way to do it."""
+
+    def is_broken(self, conn: Any) -> bool:
+        """Whether the connection reports itself closed or broken."""
+        return bool(getattr(conn, "closed", False))
+
+    def check_config(self, conn: Any) -> None:
+        """Called once per pool on its first connection; raise ValueError
+        for a connection that a pool cannot share across threads."""
+
+    def begin(self, conn: Any) -> None:
+        """Make sure what follows runs in one transaction. DB-API drivers
+        open one implicitly, unless the connection is in autocommit mode."""
+        if getattr(conn, "autocommit", False) is True:
+            cur = conn.cursor()
+            try:
+                cur.execute("BEGIN")
+            finally:
+                cur.close()
+
+    def placeholder(self, conn: Any) -> str:
+        """The parameter marker of the driver's paramstyle, for one parameter."""
+        module = sys.modules.get(type(conn).__module__.partition(".")[0])
+        style = getattr(module, "paramstyle", "qmark")
+        return {"qmark": "?", "numeric": ":1", "named": ":p1"}.get(style, "%s")
+
+    def classify_one(self, exc: BaseException) -> tuple[str, str] | None:
+        """Classify one exception of this driver (not its chain).
+
+        Returns ``(category_name, reason)`` or None when this driver has
+        nothing to say about it; the chain walk in :mod:`poolkit.classify`
+        combines the findings."""
+        return classify_generic(exc)
+
+    def __repr__(self) -> str:
+        return f"<poolkit driver {self.name}>"
+
+
+def classify_generic(exc: BaseException) -> tuple[str, str] | None:
+    """Rules that hold for any driver: the OS's network errors, EOF, and
+    disconnect messages on PEP 249 errors."""
+    if isinstance(exc, EOFError):
+        return ("BAD_CONNECTION", "eof")
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return ("BAD_CONNECTION", "network")
+    if isinstance(exc, OSError) and exc.errno in NETWORK_ERRNOS:
+        return ("BAD_CONNECTION", "network")
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if "OperationalError" in names or "InterfaceError" in names:
+        text = str(exc).lower()
+        if any(p in text for p in DISCONNECT_PHRASES):
+            return ("BAD_CONNECTION", "network")
+        if "database is locked" in text or "database is busy" in text:
+            return ("RETRYABLE", "busy")
+        if "deadlock" in text:
+            return ("RETRYABLE", "deadlock")
+    if "IntegrityError" in names:
+        return ("PERMANENT", "integrity")
+    if "ProgrammingError" in names:
+        return ("PERMANENT", "programming")
+    return None

@@ -1,0 +1,122 @@
+"""psycopg 3."""
+
+from __future__ import annotations
+
+import select
+import time
+from typing import Any
+
+import psycopg
+from psycopg import pq
+
+from poolkit.drivers._base import BROKEN, IDLE, IN_TRANSACTION, Driver, classify_generic
+
+# What reset_session sends: DISCARD ALL without its DEALLOCATE ALL (psycopg
+# keeps track of the statements it prepared and would not know they were
+# gone) and without the transaction-block restriction of DISCARD ALL.
+RESET_SQL = (
+    b"CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *;"
+    b" SELECT pg_advisory_unlock_all(); DISCARD PLANS; DISCARD SEQUENCES; DISCARD TEMP"
+)
+
+_OK_RESULTS = (pq.ExecStatus.EMPTY_QUERY, pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK)
+
+# libpq transaction status -> poolkit state
+_TX_STATE = {
+    pq.TransactionStatus.IDLE: IDLE,
+    pq.TransactionStatus.INTRANS: IN_TRANSACTION,
+    pq.TransactionStatus.INERROR: IN_TRANSACTION,
+    pq.TransactionStatus.ACTIVE: BROKEN,  # a query is still running
+    pq.TransactionStatus.UNKNOWN: BROKEN,  # the connection is bad
+}
+
+_SQLSTATE_RULES = {
+    "25006": ("NOT_LEADER", "read_only"),  # read_only_sql_transaction: a standby or demoted primary
+    "40001": ("RETRYABLE", "serialization"),
+    "40P01": ("RETRYABLE", "deadlock"),
+    "55P03": ("RETRYABLE", "lock_timeout"),
+    "40003": ("AMBIGUOUS", "statement_completion_unknown"),
+    "57P01": ("BAD_CONNECTION", "server_shutdown"),  # admin_shutdown (pg_terminate_backend too)
+    "57P02": ("BAD_CONNECTION", "server_shutdown"),  # crash_shutdown
+    "57P03": ("BAD_CONNECTION", "server_starting"),  # cannot_connect_now
+}
+
+
+class PsycopgDriver(Driver):
+    name = "psycopg"
+
+    def socket_fd(self, conn: Any) -> int | None:
+        try:
+            return int(conn.pgconn.socket)
+        except psycopg.OperationalError:
+            return None
+
+    def transaction_state(self, conn: Any) -> int:
+        return _TX_STATE.get(conn.pgconn.transaction_status, BROKEN)
+
+    def ping(self, conn: Any, timeout: float) -> None:
+        # An empty query at the libpq level, waited for with a deadline: psycopg's
+        # own execute() would wait for a blackholed server forever.
+        if conn.closed or conn.broken:
+            raise psycopg.OperationalError("the connection is closed")
+        pgconn = conn.pgconn
+        deadline = time.monotonic() + timeout
+        pgconn.send_query(b"")
+        fd = pgconn.socket
+        while True:
+            pgconn.consume_input()
+            if not pgconn.is_busy():
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"ping got no answer within {timeout:g}s")
+            select.select([fd], [], [], remaining)
+        error = None
+        while (res := pgconn.get_result()) is not None:
+            if res.status not in _OK_RESULTS and error is None:
+                error = res.error_message.decode(errors="replace")
+        if error is not None:
+            raise psycopg.OperationalError(f"ping failed: {error}")
+
+    def reset_session(self, conn: Any) -> None:
+        res = conn.pgconn.exec_(RESET_SQL)
+        if res.status not in _OK_RESULTS:
+            raise psycopg.OperationalError(
+                "reset_session failed: " + res.error_message.decode(errors="replace")
+            )
+
+    def begin(self, conn: Any) -> None:
+        if conn.autocommit:
+            conn.execute("BEGIN")
+
+    def placeholder(self, conn: Any) -> str:
+        return "%s"
+
+    def is_broken(self, conn: Any) -> bool:
+        return bool(conn.closed or conn.broken)
+
+    def classify_one(self, exc: BaseException) -> tuple[str, str] | None:
+        if isinstance(exc, psycopg.Error):
+            state = exc.sqlstate
+            if state:
+                rule = _SQLSTATE_RULES.get(state)
+                if rule is not None:
+                    return rule
+                if state.startswith("08"):
+                    return ("BAD_CONNECTION", "network")
+                if state.startswith("23"):
+                    return ("PERMANENT", "integrity")
+                if state.startswith("42"):
+                    return ("PERMANENT", "syntax")
+                # the server answered, so the connection works
+                return ("PERMANENT", "server_error")
+            if isinstance(exc, psycopg.errors.ConnectionTimeout):
+                return ("BAD_CONNECTION", "network")
+            if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+                text = str(exc).lower()
+                if "consuming input failed" in text or "sending query" in text or "is closed" in text:
+                    return ("BAD_CONNECTION", "network")
+        return classify_generic(exc)
+
+
+DRIVER = PsycopgDriver()

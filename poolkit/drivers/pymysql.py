@@ -1,0 +1,97 @@
+"""PyMySQL (MySQL and MariaDB)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pymysql
+
+from poolkit.drivers._base import BROKEN, IDLE, IN_TRANSACTION, Driver, classify_generic
+
+SERVER_STATUS_IN_TRANS = 1
+COM_RESET_CONNECTION = 0x1F  # MySQL >= 5.7.3, MariaDB >= 10.2.4
+
+_CODE_RULES = {
+    # the connection is gone
+    2002: ("BAD_CONNECTION", "network"),  # can't connect through socket
+    2003: ("BAD_CONNECTION", "network"),  # can't connect to server
+    2006: ("BAD_CONNECTION", "network"),  # server has gone away
+    2013: ("BAD_CONNECTION", "network"),  # lost connection during query
+    2055: ("BAD_CONNECTION", "network"),  # lost connection at reading/writing
+    2014: ("BAD_CONNECTION", "out_of_sync"),  # commands out of sync
+    4031: ("BAD_CONNECTION", "idle_timeout"),  # disconnected for inactivity (MySQL 8)
+    1927: ("BAD_CONNECTION", "killed"),  # MariaDB ER_CONNECTION_KILLED
+    1053: ("BAD_CONNECTION", "server_shutdown"),
+    # the node does not take writes
+    1290: ("NOT_LEADER", "read_only"),  # --read-only
+    1792: ("NOT_LEADER", "read_only"),  # read-only transaction
+    1836: ("NOT_LEADER", "read_only"),  # read-only mode
+    # transient conflicts
+    1213: ("RETRYABLE", "deadlock"),
+    1205: ("RETRYABLE", "lock_timeout"),
+    # the request is at fault
+    1062: ("PERMANENT", "integrity"),
+    1451: ("PERMANENT", "integrity"),
+    1452: ("PERMANENT", "integrity"),
+    1048: ("PERMANENT", "integrity"),
+    1064: ("PERMANENT", "syntax"),
+    1146: ("PERMANENT", "syntax"),
+}
+
+
+class PyMySQLDriver(Driver):
+    name = "pymysql"
+
+    def socket_fd(self, conn: Any) -> int | None:
+        sock = conn._sock
+        return sock.fileno() if sock is not None else None
+
+    def transaction_state(self, conn: Any) -> int:
+        if conn._sock is None:
+            return BROKEN
+        result = conn._result
+        if result is not None and result.unbuffered_active:
+            return BROKEN  # an unbuffered result was not read to the end
+        return IN_TRANSACTION if conn.server_status & SERVER_STATUS_IN_TRANS else IDLE
+
+    def ping(self, conn: Any, timeout: float) -> None:
+        saved = conn._read_timeout, conn._write_timeout
+        conn._read_timeout = conn._write_timeout = timeout
+        try:
+            conn.ping(reconnect=False)
+        finally:
+            conn._read_timeout, conn._write_timeout = saved
+
+    def reset_session(self, conn: Any) -> None:
+        conn._execute_command(COM_RESET_CONNECTION, b"")
+        conn._read_ok_packet()
+        # the reset puts autocommit back to the server's default
+        conn.autocommit(conn.autocommit_mode)
+
+    def begin(self, conn: Any) -> None:
+        if conn.autocommit_mode:
+            cur = conn.cursor()
+            try:
+                cur.execute("BEGIN")
+            finally:
+                cur.close()
+
+    def placeholder(self, conn: Any) -> str:
+        return "%s"
+
+    def is_broken(self, conn: Any) -> bool:
+        return conn._sock is None
+
+    def classify_one(self, exc: BaseException) -> tuple[str, str] | None:
+        if isinstance(exc, pymysql.err.Error) and exc.args:
+            code = exc.args[0]
+            if isinstance(code, int):
+                rule = _CODE_RULES.get(code)
+                if rule is not None:
+                    return rule
+                if code == 0 and isinstance(exc, pymysql.err.InterfaceError):
+                    return ("BAD_CONNECTION", "closed")  # PyMySQL's "(0, '')": no socket
+        return classify_generic(exc)
+
+
+DRIVER = PyMySQLDriver()

@@ -1,0 +1,79 @@
+"""sqlite3, the standard library's embedded SQLite."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from typing import Any
+
+from poolkit.drivers._base import BROKEN, IDLE, IN_TRANSACTION, Driver, classify_generic
+
+logger = logging.getLogger("poolkit.drivers")
+
+_BUSY_CODES = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (low byte of the extended code)
+
+
+class SQLite3Driver(Driver):
+    name = "sqlite3"
+
+    def socket_fd(self, conn: Any) -> int | None:
+        return None
+
+    def transaction_state(self, conn: Any) -> int:
+        try:
+            return IN_TRANSACTION if conn.in_transaction else IDLE
+        except sqlite3.ProgrammingError:
+            return BROKEN  # closed
+
+    def ping(self, conn: Any, timeout: float) -> None:
+        conn.execute("SELECT 1").close()
+
+    def begin(self, conn: Any) -> None:
+        if conn.isolation_level is None or getattr(conn, "autocommit", -1) is True:
+            conn.execute("BEGIN")
+
+    def placeholder(self, conn: Any) -> str:
+        return "?"
+
+    def is_broken(self, conn: Any) -> bool:
+        try:
+            conn.total_changes  # noqa: B018 - raises on a closed connection
+        except sqlite3.ProgrammingError:
+            return True
+        return False
+
+    def check_config(self, conn: Any) -> None:
+        # A pool hands a connection to whichever thread asks next: sqlite3's
+        # default check_same_thread=True makes that fail on first use, far from
+        # the cause. Find out now, from another thread.
+        failure: list[BaseException] = []
+
+        def probe() -> None:
+            try:
+                conn.execute("SELECT 1").close()
+            except sqlite3.ProgrammingError as exc:
+                failure.append(exc)
+
+        t = threading.Thread(target=probe, name="poolkit-sqlite3-check")
+        t.start()
+        t.join()
+        if failure:
+            raise ValueError(
+                "sqlite3 connections in a pool are used by more than one thread: "
+                "open them with sqlite3.connect(..., check_same_thread=False)"
+            ) from failure[0]
+
+    def classify_one(self, exc: BaseException) -> tuple[str, str] | None:
+        if isinstance(exc, sqlite3.Error):
+            code = getattr(exc, "sqlite_errorcode", None)
+            if isinstance(code, int) and code & 0xFF in _BUSY_CODES:
+                return ("RETRYABLE", "busy")
+            if isinstance(exc, sqlite3.ProgrammingError) and "closed" in str(exc):
+                return ("BAD_CONNECTION", "closed")
+            if isinstance(exc, sqlite3.IntegrityError):
+                return ("PERMANENT", "integrity")
+        return classify_generic(exc)
+
+
+DRIVER = SQLite3Driver()

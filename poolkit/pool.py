@@ -1,0 +1,1118 @@
+"""The pool: one lock, an idle stack, a FIFO of waiters, generations.
+
+The hot path (an idle connection is there and nobody waits) takes the lock
+once to pop a connection and once to push it back; everything that talks to
+the server (connect, probe, ping, reset, rollback, close) happens with the
+lock released. Functions whose names end in ``_locked`` must be called with
+the lock held.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+import select
+import threading
+import time
+import traceback
+import weakref
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
+
+from poolkit.classify import Category, Classification, classify
+from poolkit.drivers import BROKEN, IN_TRANSACTION, UNKNOWN, Driver, driver_for_connection
+from poolkit.errors import (
+    AmbiguousCommitError,
+    ConnectionReturned,
+    PoolClosed,
+    PoolTimeout,
+    TooManyWaiters,
+)
+from poolkit.stats import PoolStats, write_json_atomic
+
+if TYPE_CHECKING:
+    from poolkit.retry import Retry
+
+__all__ = ["Pool", "PooledConnection", "PooledCursor"]
+
+logger = logging.getLogger("poolkit.pool")
+
+T = TypeVar("T")
+Hook = Callable[[Any], Any]
+
+_POLL_EVENTS = select.POLLIN | select.POLLPRI | getattr(select, "POLLRDHUP", 0)
+_INF = float("inf")
+_pool_ids = itertools.count(1)
+
+# Connections a forked child inherited from its parent. The child must never
+# use them, and must not let them be garbage collected either: finalising a
+# driver connection can send a "goodbye" on the parent's socket.
+_INHERITED: list[Any] = []
+_ALL_POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_ALL_POOLS):
+        pool._reset_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _Conn:
+    """One driver connection and what the pool knows about it."""
+
+    __slots__ = (
+        "raw",
+        "id",
+        "generation",
+        "epoch",
+        "created_at",
+        "expires_at",
+        "last_used",
+        "used",
+        "bad",
+        "poller",
+        "checked_out_at",
+        "stack",
+        "leak_logged",
+    )
+
+    def __init__(self, raw: Any, cid: int, generation: int, epoch: int, now: float, expires_at: float) -> None:
+        self.raw = raw
+        self.id = cid
+        self.generation = generation
+        self.epoch = epoch
+        self.created_at = now
+        self.expires_at = expires_at
+        self.last_used = now
+        self.used = False  # handed out and returned at least once
+        self.bad = ""  # set to a reason when an error showed the connection unusable
+        self.poller: Any = None
+        self.checked_out_at = 0.0
+        self.stack: traceback.StackSummary | None = None
+        self.leak_logged = False
+
+
+class _Waiter:
+    """A caller waiting for a connection. ``lock`` is held until the pool
+    serves the waiter: with a connection (``rec``), with the right to open
+    one (``grant``), or with an error."""
+
+    __slots__ = ("lock", "rec", "grant", "error")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.lock.acquire()
+        self.rec: _Conn | None = None
+        self.grant = False
+        self.error: BaseException | None = None
+
+
+def _check_number(
+    name: str,
+    value: Any,
+    *,
+    minimum: float = 0,
+    integer: bool = False,
+    allow_none: bool = False,
+    exclusive: bool = False,
+) -> None:
+    if value is None and allow_none:
+        return
+    kinds: tuple[type, ...] = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        kind = "an int" if integer else "a number"
+        none = " or None" if allow_none else ""
+        raise TypeError(f"{name} must be {kind}{none}, not {type(value).__name__}")
+    if value != value or (value <= minimum if exclusive else value < minimum):
+        op = ">" if exclusive else ">="
+        raise ValueError(f"{name} must be {op} {minimum}, got {value!r}")
+
+
+def _check_hook(name: str, value: Any, *, allow_bool: bool) -> None:
+    if value is None or (allow_bool and isinstance(value, bool)) or callable(value):
+        return
+    also = "True/False, " if allow_bool else ""
+    raise TypeError(f"{name} must be {also}None or a callable, not {type(value).__name__}")
+
+
+class Pool:
+    """A pool of DB-API connections.
+
+    ``connect`` is a zero-argument callable that returns a new DB-API
+    connection, e.g. ``functools.partial(psycopg.connect, dsn)``. Every
+    option is keyword-only and checked here; see the README for what each
+    does and why its default is what it is.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], Any],
+        *,
+        max_size: int = 10,
+        min_size: int = 0,
+        max_idle: int | None = None,
+        max_lifetime: float | None = 3600.0,
+        lifetime_jitter: float = 0.1,
+        max_idle_time: float | None = 600.0,
+        timeout: float = 30.0,
+        max_waiting: int = 0,
+        liveness: bool = True,
+        ping: bool | Hook | None = True,
+        ping_after: float = 30.0,
+        ping_timeout: float = 5.0,
+        reset_session: bool | Hook | None = False,
+        is_valid: Hook | None = None,
+        configure: Hook | None = None,
+        name: str | None = None,
+        classifier: Callable[[BaseException], Classification | None] | None = None,
+        retry: Retry | bool | None = None,
+        leak_timeout: float | None = None,
+        ledger_table: str = "poolkit_requests",
+        driver: Driver | None = None,
+        maintenance_interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not callable(connect):
+            raise TypeError(f"connect must be a zero-argument callable, not {type(connect).__name__}")
+        _check_number("max_size", max_size, minimum=1, integer=True)
+        _check_number("min_size", min_size, integer=True)
+        if min_size > max_size:
+            raise ValueError(f"min_size ({min_size}) must not exceed max_size ({max_size})")
+        _check_number("max_idle", max_idle, integer=True, allow_none=True)
+        _check_number("max_lifetime", max_lifetime, exclusive=True, allow_none=True)
+        _check_number("lifetime_jitter", lifetime_jitter)
+        if lifetime_jitter >= 1:
+            raise ValueError(f"lifetime_jitter is a fraction of max_lifetime, must be < 1, got {lifetime_jitter!r}")
+        _check_number("max_idle_time", max_idle_time, exclusive=True, allow_none=True)
+        _check_number("timeout", timeout)
+        _check_number("max_waiting", max_waiting, integer=True)
+        _check_number("ping_after", ping_after)
+        _check_number("ping_timeout", ping_timeout, exclusive=True)
+        _check_number("leak_timeout", leak_timeout, exclusive=True, allow_none=True)
+        _check_number("maintenance_interval", maintenance_interval, exclusive=True)
+        _check_hook("ping", ping, allow_bool=True)
+        _check_hook("reset_session", reset_session, allow_bool=True)
+        _check_hook("is_valid", is_valid, allow_bool=False)
+        _check_hook("configure", configure, allow_bool=False)
+        _check_hook("classifier", classifier, allow_bool=False)
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str, not {type(name).__name__}")
+        if driver is not None and not isinstance(driver, Driver):
+            raise TypeError(f"driver must be a poolkit.drivers.Driver, not {type(driver).__name__}")
+        if not callable(clock):
+            raise TypeError("clock must be a callable returning seconds")
+        if not isinstance(liveness, bool):
+            raise TypeError(f"liveness must be True or False, not {type(liveness).__name__}")
+
+        self.name = name if name is not None else f"pool-{next(_pool_ids)}"
+        self._connect = connect
+        self._min_size = min_size
+        self._max_idle = max_size if max_idle is None else max_idle
+        self._max_lifetime = _INF if max_lifetime is None else float(max_lifetime)
+        self._lifetime_jitter = float(lifetime_jitter)
+        self._max_idle_time = _INF if max_idle_time is None else float(max_idle_time)
+        self._timeout = float(timeout)
+        self._max_waiting = max_waiting
+        self._liveness = liveness
+        self._ping_hook = ping
+        self._ping_after = float(ping_after)
+        self._ping_timeout = float(ping_timeout)
+        self._reset_hook = reset_session
+        self._is_valid = is_valid
+        self._configure = configure
+        self._classifier = classifier
+        self._leak_timeout = leak_timeout
+        self._driver: Driver | None = driver
+        self._driver_checked = False
+        self._maintenance_interval = float(maintenance_interval)
+        self._clock = clock
+        self._random = random.Random()
+        self._ids = itertools.count(1)
+        self.retry = self._resolve_retry(retry)
+        from poolkit.retry import Ledger
+
+        self.ledger = Ledger(ledger_table)
+
+        # The lock protects everything below, up to the next blank line, and
+        # every counter. Nothing under it does I/O.
+        self._lock = threading.Lock()
+        self._max_size = max_size
+        self._idle: list[_Conn] = []  # LIFO: hot connections on top
+        self._out: set[_Conn] = set()  # checked out
+        self._waiters: deque[_Waiter] = deque()  # FIFO
+        self._open = 0  # connections open or being opened: never above max_size
+        self._opening = 0
+        self._generation = 0
+        self._epoch = 0  # bumped in a forked child
+        self._closed = False
+        self._last_connect_error: BaseException | None = None
+        self._returned = threading.Condition(self._lock)  # close() waits on it
+        self._zero_counters_locked()
+
+        self._orphans: deque[_Conn] = deque()  # dropped proxies; appended without the lock
+        self._stop = threading.Event()
+        self._maintainer: threading.Thread | None = None
+        self._maintainer_pid = 0
+        _ALL_POOLS.add(self)
+        self._start_maintenance()
+
+    # ------------------------------------------------------------------ setup
+
+    def _resolve_retry(self, retry: Retry | bool | None) -> Retry:
+        from poolkit.retry import Retry
+
+        if retry is None or retry is True:
+            return Retry.default()
+        if retry is False:
+            return Retry.off()
+        if isinstance(retry, Retry):
+            return retry
+        raise TypeError(f"retry must be a poolkit.Retry, True, False or None, not {type(retry).__name__}")
+
+    def _zero_counters_locked(self) -> None:
+        self._acquired = 0
+        self._wait_count = 0
+        self._wait_time = 0.0
+        self._timeouts = 0
+        self._created = 0
+        self._closed_total = 0
+        self._closed_by: dict[str, int] = dict.fromkeys(
+            ("bad", "expired", "idle", "invalidated", "invalid"), 0
+        )
+        self._pings = 0
+        self._ping_failures = 0
+        self._retries = 0
+        self._connect_errors = 0
+
+    def _start_maintenance(self) -> None:
+        from poolkit._maintenance import start_maintenance
+
+        self._maintainer = start_maintenance(self)
+        self._maintainer_pid = os.getpid()
+
+    # --------------------------------------------------------------- checkout
+
+    def connection(self, timeout: float | None = None) -> PooledConnection:
+        """A connection for a ``with`` block: ``with pool.connection() as conn:``.
+        Leaving the block returns it (an open transaction is rolled back)."""
+        return self.acquire(timeout)
+
+    def acquire(self, timeout: float | None = None) -> PooledConnection:
+        """Check out a connection; return it with ``conn.close()``.
+
+        Waits at most ``timeout`` seconds (the pool's ``timeout`` if None),
+        then raises :class:`PoolTimeout`.
+        """
+        deadline = 0.0
+        while True:
+            rec = None
+            with self._lock:
+                if self._idle and not self._waiters and not self._closed:
+                    rec = self._idle.pop()
+                    self._out.add(rec)
+                    self._acquired += 1
+            if rec is None:
+                if not deadline:
+                    deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
+                rec = self._acquire_slow(deadline)
+                if rec is None:
+                    continue  # a fresh connection was discarded already; try again
+            reason = self._check_out(rec)
+            if reason is None:
+                return PooledConnection(self, rec)
+            self._discard(rec, reason, checked_out=True)
+            if not deadline:
+                deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
+
+    def _acquire_slow(self, deadline: float) -> _Conn | None:
+        """No idle connection was free: open one, or wait in line."""
+        if self._orphans:
+            self._reclaim_orphans()
+        if self._maintainer_pid != os.getpid():
+            self._start_maintenance()  # forked child
+        waiter = None
+        with self._lock:
+            if self._closed:
+                raise PoolClosed(f"pool {self.name!r} is closed")
+            if self._idle and not self._waiters:
+                rec = self._idle.pop()
+                self._out.add(rec)
+                self._acquired += 1
+                return rec
+            if self._open < self._max_size:
+                self._open += 1
+                self._opening += 1
+            else:
+                if self._max_waiting and len(self._waiters) >= self._max_waiting:
+                    raise TooManyWaiters(
+                        f"pool {self.name!r}: {len(self._waiters)} callers already waiting (max_waiting)"
+                    )
+                waiter = _Waiter()
+                self._waiters.append(waiter)
+        if waiter is not None:
+            waiter_rec = self._wait(waiter, deadline)
+            if waiter_rec is not None:
+                return waiter_rec
+            # granted a slot: open a connection in it
+        return self._open_in_slot(deadline)
+
+    def _wait(self, waiter: _Waiter, deadline: float) -> _Conn | None:
+        """Wait until served; returns a connection, or None for a granted slot."""
+        start = time.monotonic()
+        waiter.lock.acquire(timeout=max(0.0, deadline - start))
+        with self._lock:
+            self._wait_count += 1
+            self._wait_time += time.monotonic() - start
+            if waiter.error is not None:
+                raise waiter.error
+            if waiter.rec is not None:
+                self._acquired += 1
+                return waiter.rec
+            if waiter.grant:
+                return None
+            # timed out, and nobody served us in the meantime: leave the line
+            self._waiters.remove(waiter)
+            self._timeouts += 1
+            cause = self._last_connect_error if self._opening else None
+            waiting = len(self._waiters)
+        raise PoolTimeout(
+            f"pool {self.name!r}: no connection within {deadline - start:.3g}s "
+            f"({self._max_size} in use, {waiting} others waiting)"
+        ) from cause
+
+    def _open_in_slot(self, deadline: float) -> _Conn | None:
+        """Open a connection in a slot reserved for this caller, retrying with
+        backoff while the server does not answer, until ``deadline``."""
+        generation = self._generation  # read before connecting: see invalidate()
+        epoch = self._epoch
+        attempt = 0
+        while True:
+            raw = None
+            try:
+                raw = self._connect()
+                if self._driver is None:
+                    self._driver = driver_for_connection(raw)
+                if not self._driver_checked:
+                    self._driver.check_config(raw)
+                    self._driver_checked = True
+                if self._configure is not None:
+                    self._configure(raw)
+                break
+            except Exception as exc:
+                if raw is not None:
+                    self._close_raw(raw)
+                retry = _is_connect_failure(exc) and not self._closed
+                delay = min(2.0, 0.05 * 2**attempt) * (0.5 + self._random.random() / 2)
+                attempt += 1
+                with self._lock:
+                    self._connect_errors += 1
+                    self._last_connect_error = exc
+                    if not retry or time.monotonic() + delay >= deadline:
+                        self._release_slot_locked()
+                        give_up = True
+                    else:
+                        give_up = False
+                logger.warning("pool %r: connect failed (attempt %d): %r", self.name, attempt, exc)
+                if give_up:
+                    if not retry:
+                        raise
+                    raise PoolTimeout(
+                        f"pool {self.name!r}: could not connect within the timeout: {exc}"
+                    ) from exc
+                self._stop.wait(delay)
+        now = self._clock()
+        lifetime = self._max_lifetime * (1.0 - self._lifetime_jitter * self._random.random())
+        rec = _Conn(raw, next(self._ids), generation, epoch, now, now + lifetime)
+        if self._liveness:
+            fd = self._driver.socket_fd(raw)
+            if fd is not None:
+                rec.poller = select.poll()
+                rec.poller.register(fd, _POLL_EVENTS)
+        with self._lock:
+            self._opening -= 1
+            self._created += 1
+            self._last_connect_error = None
+            stale = generation != self._generation or self._closed or epoch != self._epoch
+            if not stale:
+                self._out.add(rec)
+                self._acquired += 1
+                return rec
+            self._open -= 1
+            self._closed_total += 1
+            self._closed_by["invalidated"] += 1
+            self._grant_locked()
+        self._close_raw(raw)  # opened before an invalidate(): never handed out
+        if self._closed:
+            raise PoolClosed(f"pool {self.name!r} is closed")
+        return None
+
+    def _acquire_fresh(self, timeout: float | None) -> PooledConnection:
+        """A connection opened for this caller, never a pooled one: in a free
+        slot, or in the slot of the oldest idle connection, which is closed.
+        When every connection is checked out, falls back to :meth:`acquire`."""
+        deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
+        victim = None
+        with self._lock:
+            if self._closed:
+                raise PoolClosed(f"pool {self.name!r} is closed")
+            if self._waiters or (self._open >= self._max_size and not self._idle):
+                slot = False
+            else:
+                slot = True
+                if self._open >= self._max_size:
+                    victim = self._idle.pop(0)  # oldest; its slot becomes ours
+                    self._closed_total += 1
+                else:
+                    self._open += 1
+                self._opening += 1
+        if not slot:
+            return self.acquire(timeout)
+        if victim is not None:
+            self._close_raw(victim.raw)
+        rec = self._open_in_slot(deadline)
+        if rec is not None:
+            return PooledConnection(self, rec)
+        return self.acquire(max(0.0, deadline - time.monotonic()))
+
+    def _check_out(self, rec: _Conn) -> str | None:
+        """Checks before handing ``rec`` out; the reason to discard it, or None."""
+        now = self._clock()
+        if rec.generation != self._generation:
+            return "invalidated"
+        if now >= rec.expires_at:
+            return "expired"
+        if now - rec.last_used > self._max_idle_time:
+            return "idle"
+        raw = rec.raw
+        suspect = rec.poller is not None and rec.poller.poll(0)
+        if suspect or (self._ping_hook and now - rec.last_used >= self._ping_after):
+            if not self._ping_hook:
+                return "bad"  # readable or hung up while idle, and no ping to ask
+            if not self._ping(rec):
+                return "bad"
+        if rec.used and self._reset_hook:
+            try:
+                if self._reset_hook is True:
+                    self._driver.reset_session(raw)  # type: ignore[union-attr]
+                elif self._reset_hook(raw) is False:
+                    return "invalid"
+            except Exception as exc:
+                logger.warning("pool %r: reset_session failed on connection %d: %r", self.name, rec.id, exc)
+                return "invalid"
+        if self._leak_timeout is not None:
+            rec.checked_out_at = now
+            rec.stack = traceback.extract_stack()[:-3]
+            rec.leak_logged = False
+        if rec.generation != self._generation:  # invalidated while we pinged
+            return "invalidated"
+        return None
+
+    def _ping(self, rec: _Conn) -> bool:
+        ok = True
+        try:
+            if self._ping_hook is True:
+                self._driver.ping(rec.raw, self._ping_timeout)  # type: ignore[union-attr]
+            elif self._ping_hook(rec.raw) is False:  # type: ignore[operator]
+                ok = False
+        except Exception as exc:
+            logger.warning("pool %r: ping failed on connection %d: %r", self.name, rec.id, exc)
+            ok = False
+        with self._lock:
+            self._pings += 1
+            if not ok:
+                self._ping_failures += 1
+        return ok
+
+    # ---------------------------------------------------------------- return
+
+    def _release(self, rec: _Conn) -> None:
+        """Take back a connection from its holder."""
+        if rec.epoch != self._epoch:  # checked out before a fork: not ours to touch
+            _INHERITED.append(rec.raw)
+            return
+        raw = rec.raw
+        reason = rec.bad or None
+        if reason is None:
+            try:
+                state = self._driver.transaction_state(raw)  # type: ignore[union-attr]
+                if state == IN_TRANSACTION or state == UNKNOWN:
+                    raw.rollback()
+                elif state == BROKEN:
+                    reason = "bad"
+            except Exception as exc:
+                logger.warning("pool %r: rollback on return failed on connection %d: %r", self.name, rec.id, exc)
+                reason = "bad"
+        if reason is None and self._is_valid is not None:
+            try:
+                if not self._is_valid(raw):
+                    reason = "invalid"
+            except Exception as exc:
+                logger.warning("pool %r: is_valid raised on connection %d: %r", self.name, rec.id, exc)
+                reason = "invalid"
+        now = self._clock()
+        with self._lock:
+            self._out.discard(rec)
+            if reason is None:
+                if self._closed:
+                    reason = "closed"
+                elif rec.generation != self._generation:
+                    reason = "invalidated"
+                elif self._open > self._max_size:
+                    reason = "resized"
+                else:
+                    rec.last_used = now
+                    rec.used = True
+                    if self._waiters:
+                        waiter = self._waiters.popleft()
+                        waiter.rec = rec
+                        self._out.add(rec)
+                        waiter.lock.release()
+                        return
+                    if len(self._idle) < self._max_idle:
+                        self._idle.append(rec)
+                        return
+                    reason = "idle"
+            self._forget_locked(reason)
+            if self._closed and not self._out:
+                self._returned.notify_all()
+        self._log_discard(rec, reason)
+        self._close_raw(raw)
+
+    def _discard(self, rec: _Conn, reason: str, *, checked_out: bool) -> None:
+        with self._lock:
+            if checked_out:
+                self._out.discard(rec)
+                self._acquired -= 1  # it was never handed out
+            self._forget_locked(reason)
+            if self._closed and not self._out:
+                self._returned.notify_all()
+        self._log_discard(rec, reason)
+        self._close_raw(rec.raw)
+
+    def _forget_locked(self, reason: str) -> None:
+        """A connection is leaving the pool (the caller closes it, unlocked)."""
+        self._open -= 1
+        self._closed_total += 1
+        if reason in self._closed_by:
+            self._closed_by[reason] += 1
+        self._grant_locked()
+
+    def _grant_locked(self) -> None:
+        """Slots freed: let the oldest waiters open connections in them."""
+        while self._waiters and self._open < self._max_size and not self._closed:
+            waiter = self._waiters.popleft()
+            waiter.grant = True
+            self._open += 1
+            self._opening += 1
+            waiter.lock.release()
+
+    def _release_slot_locked(self) -> None:
+        self._open -= 1
+        self._opening -= 1
+        self._grant_locked()
+
+    def _log_discard(self, rec: _Conn, reason: str) -> None:
+        if reason in ("bad", "invalid"):
+            logger.warning("pool %r: discarded connection %d (%s)", self.name, rec.id, reason)
+        elif logger.isEnabledFor(logging.DEBUG):
+            logger.debug("pool %r: closing connection %d (%s)", self.name, rec.id, reason)
+
+    def _close_raw(self, raw: Any) -> None:
+        try:
+            raw.close()
+        except Exception as exc:
+            logger.debug("pool %r: closing a connection raised %r", self.name, exc)
+
+    def _reclaim_orphans(self) -> None:
+        """Connections whose proxy was garbage collected without being returned."""
+        while True:
+            try:
+                rec = self._orphans.popleft()
+            except IndexError:
+                return
+            logger.warning(
+                "pool %r: connection %d was dropped without being returned; reclaiming it",
+                self.name,
+                rec.id,
+            )
+            self._release(rec)
+
+    # ---------------------------------------------------------------- errors
+
+    def _observe(self, rec: _Conn, exc: BaseException, *, during_commit: bool = False) -> BaseException | None:
+        """The driver raised ``exc`` on a checked-out connection: act on its
+        category. Returns the exception to raise instead, or None."""
+        c = self.classify(exc, during_commit=during_commit, connection=rec.raw)
+        if not c.discards_connection:
+            return None
+        rec.bad = "bad"
+        if c.category is Category.NOT_LEADER:
+            logger.warning(
+                "pool %r: %s on connection %d: the node does not take writes; invalidating the pool",
+                self.name,
+                c.reason,
+                rec.id,
+            )
+            self.invalidate()
+        elif c.category is Category.AMBIGUOUS:
+            err = AmbiguousCommitError(
+                f"the outcome of the commit is unknown ({c.reason}): it may or may not have been applied"
+            )
+            err.classification = c  # type: ignore[attr-defined]
+            return err
+        return None
+
+    def classify(self, exc: BaseException, *, during_commit: bool = False, connection: Any = None) -> Classification:
+        """Classify ``exc`` with this pool's classifier (see :func:`poolkit.classify`)."""
+        if self._classifier is not None:
+            found = self._classifier(exc)
+            if found is not None:
+                if during_commit and found.category is Category.BAD_CONNECTION:
+                    return Classification(Category.AMBIGUOUS, found.reason, found.source)
+                return found
+        return classify(exc, during_commit=during_commit, connection=connection, driver=self._driver)
+
+    # ------------------------------------------------------------ management
+
+    def invalidate(self) -> None:
+        """Retire every connection that exists now: idle ones are closed at
+        once, checked-out ones when returned, and ones being opened right now
+        are closed when the connect finishes. None is handed out again."""
+        with self._lock:
+            self._generation += 1
+            idle, self._idle = self._idle, []
+            for _ in idle:
+                self._forget_locked("invalidated")
+            generation = self._generation
+        logger.info("pool %r: invalidated (generation %d); closing %d idle", self.name, generation, len(idle))
+        for rec in idle:
+            self._close_raw(rec.raw)
+
+    def resize(self, max_size: int) -> None:
+        """Change ``max_size``. Growing lets waiters open connections at once;
+        shrinking closes idle ones now and returned ones until the pool fits."""
+        _check_number("max_size", max_size, minimum=1, integer=True)
+        closing: list[_Conn] = []
+        with self._lock:
+            if max_size < self._min_size:
+                raise ValueError(f"max_size ({max_size}) must not be below min_size ({self._min_size})")
+            self._max_size = max_size
+            self._max_idle = min(self._max_idle, max_size)
+            while self._open > max_size and self._idle:
+                closing.append(self._idle.pop(0))  # oldest first
+                self._forget_locked("resized")
+            self._grant_locked()
+        for rec in closing:
+            self._close_raw(rec.raw)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close the pool: waiters get :class:`PoolClosed`, idle connections are
+        closed now, checked-out ones when returned. Waits up to ``timeout``
+        seconds for checked-out connections to come back."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            idle, self._idle = self._idle, []
+            for _ in idle:
+                self._forget_locked("closed")
+            waiters = list(self._waiters)
+            self._waiters.clear()
+            for waiter in waiters:
+                waiter.error = PoolClosed(f"pool {self.name!r} was closed while waiting")
+                waiter.lock.release()
+        self._stop.set()
+        for rec in idle:
+            self._close_raw(rec.raw)
+        maintainer = self._maintainer
+        if maintainer is not None and maintainer is not threading.current_thread() and maintainer.is_alive():
+            maintainer.join(timeout)
+        end = time.monotonic() + timeout
+        with self._lock:
+            while self._out and (left := end - time.monotonic()) > 0:
+                self._returned.wait(left)
+            still_out = len(self._out)
+        if still_out:
+            logger.warning(
+                "pool %r: closed with %d connections still checked out; they close when returned",
+                self.name,
+                still_out,
+            )
+        logger.info("pool %r: closed", self.name)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def max_size(self) -> int:
+        return self._max_size
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------- maintenance
+
+    def _maintain(self) -> None:
+        """One round of housekeeping (the maintenance thread calls it every
+        ``maintenance_interval``): close idle connections past their idle
+        time or lifetime, reclaim dropped proxies, log leaks, keep min_size."""
+        now = self._clock()
+        closing: list[tuple[_Conn, str]] = []
+        with self._lock:
+            if self._closed:
+                return
+            keep: list[_Conn] = []
+            for rec in self._idle:
+                if now >= rec.expires_at:
+                    closing.append((rec, "expired"))
+                elif now - rec.last_used > self._max_idle_time:
+                    closing.append((rec, "idle"))
+                else:
+                    keep.append(rec)
+            self._idle = keep
+            for _, reason in closing:
+                self._forget_locked(reason)
+            missing = max(0, self._min_size - self._open)
+            self._open += missing
+            self._opening += missing
+            leak_check = list(self._out) if self._leak_timeout is not None else []
+        for rec, reason in closing:
+            self._log_discard(rec, reason)
+            self._close_raw(rec.raw)
+        self._reclaim_orphans()
+        for rec in leak_check:
+            self._check_leak(rec, now)
+        for _ in range(missing):
+            self._fill_one()
+
+    def _fill_one(self) -> None:
+        """Open one connection in a slot the maintenance round reserved."""
+        try:
+            rec = self._open_in_slot(time.monotonic())  # one attempt, no waiting
+        except Exception as exc:
+            logger.warning("pool %r: could not open a connection to keep min_size: %r", self.name, exc)
+            return
+        if rec is not None:
+            with self._lock:
+                self._acquired -= 1  # nobody checked it out
+            self._release(rec)
+
+    def _check_leak(self, rec: _Conn, now: float) -> None:
+        assert self._leak_timeout is not None
+        if rec.leak_logged or now - rec.checked_out_at < self._leak_timeout:
+            return
+        rec.leak_logged = True
+        where = "".join(rec.stack.format()) if rec.stack else "(unknown)\n"
+        logger.warning(
+            "pool %r: connection %d checked out for %.1fs (leak_timeout %.1fs); checked out at:\n%s",
+            self.name,
+            rec.id,
+            now - rec.checked_out_at,
+            self._leak_timeout,
+            where,
+        )
+
+    def _reset_after_fork(self) -> None:
+        """In a forked child: forget (but keep alive) every inherited connection."""
+        self._lock = threading.Lock()
+        self._returned = threading.Condition(self._lock)
+        _INHERITED.extend(rec.raw for rec in self._idle)
+        self._idle = []
+        self._out = set()
+        self._waiters = deque()
+        self._orphans = deque()
+        self._open = 0
+        self._opening = 0
+        self._generation += 1
+        self._epoch += 1
+        self._stop = threading.Event()
+        self._maintainer = None
+
+    # ----------------------------------------------------------------- stats
+
+    def stats(self) -> PoolStats:
+        """A consistent snapshot of the gauges and counters."""
+        with self._lock:
+            return PoolStats(
+                name=self.name,
+                max_size=self._max_size,
+                open=self._open - self._opening,
+                opening=self._opening,
+                in_use=len(self._out),
+                idle=len(self._idle),
+                waiting=len(self._waiters),
+                generation=self._generation,
+                acquired=self._acquired,
+                wait_count=self._wait_count,
+                wait_time=self._wait_time,
+                timeouts=self._timeouts,
+                created=self._created,
+                closed=self._closed_total,
+                closed_bad=self._closed_by["bad"],
+                closed_expired=self._closed_by["expired"],
+                closed_idle=self._closed_by["idle"],
+                closed_invalidated=self._closed_by["invalidated"],
+                closed_invalid=self._closed_by["invalid"],
+                pings=self._pings,
+                ping_failures=self._ping_failures,
+                retries=self._retries,
+                connect_errors=self._connect_errors,
+            )
+
+    def reset_stats(self) -> None:
+        """Zero the counters (not the gauges), atomically with respect to
+        every concurrent update."""
+        with self._lock:
+            self._zero_counters_locked()
+
+    def export_stats(self, path: str | os.PathLike[str]) -> None:
+        """Write ``stats()`` as JSON to ``path`` through a temporary file and
+        ``os.replace``: a reader sees the old file or the new one, never half."""
+        write_json_atomic(path, self.stats().as_dict())
+
+    def _count_retry(self) -> None:
+        with self._lock:
+            self._retries += 1
+
+    def __repr__(self) -> str:
+        with self._lock:
+            state = "closed " if self._closed else ""
+            return (
+                f"<Pool {self.name!r} {state}open={self._open - self._opening} in_use={len(self._out)} "
+                f"idle={len(self._idle)} waiting={len(self._waiters)} gen={self._generation}>"
+            )
+
+    # ---------------------------------------------------------- running work
+
+    def run(
+        self,
+        fn: Callable[[PooledConnection], T],
+        *,
+        idempotent: bool = False,
+        retry: Retry | bool | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> T:
+        """Run ``fn(conn)`` in a transaction (commit on success, rollback on
+        error) and return its result, retrying only what is safe to repeat.
+        See :mod:`poolkit.retry`."""
+        from poolkit.retry import run
+
+        return run(self, fn, idempotent=idempotent, retry=retry, request_id=request_id, timeout=timeout)
+
+    def prune_requests(self, older_than: float, timeout: float | None = None) -> int:
+        """Delete request ids recorded more than ``older_than`` seconds ago
+        from the ledger; returns how many. Pick an age longer than any retry
+        of the same id can come (a day, say)."""
+        _check_number("older_than", older_than)
+        with self.acquire(timeout) as conn:
+            return self.ledger.prune(conn, older_than)
+
+    def transaction(self, timeout: float | None = None) -> Any:
+        """``with pool.transaction() as conn:`` commits on success and rolls
+        back on error; never retries. A commit that loses its connection
+        raises :class:`AmbiguousCommitError`."""
+        from poolkit.retry import transaction
+
+        return transaction(self, timeout)
+
+
+def _is_connect_failure(exc: BaseException) -> bool:
+    """Whether a connect error is worth trying again (the server may come
+    back): network and database errors are; a TypeError from bad arguments
+    is not."""
+    if isinstance(exc, (OSError, EOFError)):
+        return True
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return bool(names & {"OperationalError", "InterfaceError", "DatabaseError"})
+
+
+class PooledConnection:
+    """What ``pool.acquire()`` hands out: the DB-API connection's methods,
+    with the driver's errors watched and acted on. ``close()`` returns it."""
+
+    __slots__ = ("_pool", "_rec", "__weakref__")
+
+    def __init__(self, pool: Pool, rec: _Conn) -> None:
+        self._pool = pool
+        self._rec: _Conn | None = rec
+
+    def _raw(self) -> Any:
+        rec = self._rec
+        if rec is None:
+            raise ConnectionReturned("this connection was returned to its pool and can no longer be used")
+        return rec.raw
+
+    @property
+    def driver_connection(self) -> Any:
+        """The driver's own connection object (do not close it)."""
+        return self._raw()
+
+    @property
+    def closed(self) -> bool:
+        return self._rec is None
+
+    @property
+    def pool(self) -> Pool:
+        return self._pool
+
+    def cursor(self, *args: Any, **kwargs: Any) -> PooledCursor:
+        raw = self._raw()
+        try:
+            cur = raw.cursor(*args, **kwargs)
+        except Exception as exc:
+            self._raise_observed(exc)
+        return PooledCursor(cur, self)
+
+    def execute(self, *args: Any, **kwargs: Any) -> PooledCursor:
+        """For drivers whose connections have ``execute`` (sqlite3, psycopg)."""
+        raw = self._raw()
+        try:
+            cur = raw.execute(*args, **kwargs)
+        except Exception as exc:
+            self._raise_observed(exc)
+        return PooledCursor(cur, self)
+
+    def commit(self) -> None:
+        raw = self._raw()
+        try:
+            raw.commit()
+        except Exception as exc:
+            self._raise_observed(exc, during_commit=True)
+
+    def rollback(self) -> None:
+        raw = self._raw()
+        try:
+            raw.rollback()
+        except Exception as exc:
+            self._raise_observed(exc)
+
+    def close(self) -> None:
+        """Return the connection to its pool. A second call does nothing."""
+        rec = self._rec
+        if rec is not None:
+            self._rec = None
+            self._pool._release(rec)
+
+    def _raise_observed(self, exc: BaseException, *, during_commit: bool = False) -> Any:
+        rec = self._rec
+        if rec is not None:
+            replacement = self._pool._observe(rec, exc, during_commit=during_commit)
+            if replacement is not None:
+                raise replacement from exc
+        raise exc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw(), name)
+
+    def __enter__(self) -> PooledConnection:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        rec = self._rec
+        if rec is not None:
+            # No locks and no I/O here: this may run inside the garbage
+            # collector, in any thread. The pool reclaims it later.
+            self._rec = None
+            self._pool._orphans.append(rec)
+
+    def __repr__(self) -> str:
+        rec = self._rec
+        state = f"connection {rec.id}" if rec is not None else "returned"
+        return f"<PooledConnection {state} of pool {self._pool.name!r}>"
+
+
+class PooledCursor:
+    """A driver cursor whose errors the pool watches."""
+
+    __slots__ = ("_cursor", "_conn")
+
+    def __init__(self, cursor: Any, conn: PooledConnection) -> None:
+        object.__setattr__(self, "_cursor", cursor)
+        object.__setattr__(self, "_conn", conn)
+
+    def _cur(self) -> Any:
+        if self._conn._rec is None:
+            raise ConnectionReturned("this cursor's connection was returned to its pool")
+        return self._cursor
+
+    @property
+    def connection(self) -> PooledConnection:
+        return self._conn
+
+    def execute(self, *args: Any, **kwargs: Any) -> PooledCursor:
+        cur = self._cur()
+        try:
+            cur.execute(*args, **kwargs)
+        except Exception as exc:
+            self._conn._raise_observed(exc)
+        return self
+
+    def executemany(self, *args: Any, **kwargs: Any) -> PooledCursor:
+        cur = self._cur()
+        try:
+            cur.executemany(*args, **kwargs)
+        except Exception as exc:
+            self._conn._raise_observed(exc)
+        return self
+
+    def fetchone(self) -> Any:
+        cur = self._cur()
+        try:
+            return cur.fetchone()
+        except Exception as exc:
+            return self._conn._raise_observed(exc)
+
+    def fetchmany(self, *args: Any, **kwargs: Any) -> Any:
+        cur = self._cur()
+        try:
+            return cur.fetchmany(*args, **kwargs)
+        except Exception as exc:
+            return self._conn._raise_observed(exc)
+
+    def fetchall(self) -> Any:
+        cur = self._cur()
+        try:
+            return cur.fetchall()
+        except Exception as exc:
+            return self._conn._raise_observed(exc)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        row = self.fetchone()
+        if row is None:
+            raise StopIteration
+        return row
+
+    def close(self) -> None:
+        try:
+            self._cursor.close()
+        except Exception:
+            if self._conn._rec is not None:
+                raise
+
+    def __enter__(self) -> PooledCursor:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cur(), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._cur(), name, value)

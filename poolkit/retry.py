@@ -1,0 +1,299 @@
+"""Running work with retries that are safe to take.
+
+What ``pool.run`` retries, by the category of the error (see
+:mod:`poolkit.classify`):
+
+- ``RETRYABLE``: always; the whole function runs again in a new transaction.
+- ``NOT_LEADER``: always; the write was rejected before it ran, and the pool
+  has invalidated itself, so the next attempt reaches the new leader.
+- ``BAD_CONNECTION``: when the work is ``idempotent=True``, or when the
+  failure came before any of the work was sent.
+- ``AMBIGUOUS`` (the commit may have been applied): when the work is
+  ``idempotent=True``, or when it carries a ``request_id``: the next attempt
+  first looks the id up in the ledger and returns without running the work
+  again if the first attempt committed.
+- ``PERMANENT``: never.
+
+Retries are bounded by a count and by a deadline, with exponential backoff
+and jitter (tenacity). The default budget, 10 attempts within 15 seconds,
+rides out a server restart or a leader election of a few seconds. Turn
+retries off per call (``retry=False``), per pool (``Pool(retry=False)``) or
+for the whole process (``POOLKIT_RETRY=off`` in the environment).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
+
+import tenacity
+
+from poolkit.classify import Category
+from poolkit.errors import AmbiguousCommitError, PoolError
+
+if TYPE_CHECKING:
+    from poolkit.pool import Pool, PooledConnection
+
+__all__ = ["Retry", "Ledger", "RETRY_ENV"]
+
+logger = logging.getLogger("poolkit.retry")
+
+T = TypeVar("T")
+
+#: set to "off" (or 0, false, no) to turn every retry of the process off
+RETRY_ENV = "POOLKIT_RETRY"
+
+
+@dataclass(frozen=True)
+class Retry:
+    """A retry budget: at most ``attempts`` attempts, none started after
+    ``deadline`` seconds, waiting between them a random time that grows
+    exponentially from ``initial_backoff`` up to ``max_backoff``."""
+
+    attempts: int = 10
+    deadline: float = 15.0
+    initial_backoff: float = 0.05
+    max_backoff: float = 2.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int) or self.attempts < 1:
+            raise ValueError(f"attempts must be an int >= 1, got {self.attempts!r}")
+        for name in ("deadline", "initial_backoff", "max_backoff"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.attempts > 1
+
+    @classmethod
+    def default(cls) -> Retry:
+        return cls()
+
+    @classmethod
+    def off(cls) -> Retry:
+        return cls(attempts=1)
+
+
+_OFF = Retry.off()
+
+
+def _env_off() -> bool:
+    return os.environ.get(RETRY_ENV, "").strip().lower() in ("0", "off", "false", "no")
+
+
+def _policy(pool: Pool, retry: Retry | bool | None) -> Retry:
+    if _env_off() or retry is False:
+        return _OFF
+    if retry is None or retry is True:
+        return pool.retry
+    if isinstance(retry, Retry):
+        return retry
+    raise TypeError(f"retry must be a poolkit.Retry, True, False or None, not {type(retry).__name__}")
+
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+class Ledger:
+    """The table of request ids whose work committed.
+
+    A row is inserted in the same transaction as the work, so it exists if
+    and only if the work committed. Rows are never removed by poolkit on its
+    own: call :meth:`prune` (``pool.prune_requests(older_than=...)``) with an
+    age longer than any retry of the same id can come, e.g. a day.
+    """
+
+    def __init__(self, table: str = "poolkit_requests") -> None:
+        if not isinstance(table, str) or not _IDENTIFIER.match(table):
+            raise ValueError(f"ledger table must be a plain SQL identifier, got {table!r}")
+        self.table = table
+        self._ready = False
+
+    def _ensure(self, conn: PooledConnection) -> None:
+        if self._ready:
+            return
+        cur = conn.cursor()
+        try:
+            cur.execute(
+                f"CREATE TABLE IF NOT EXISTS {self.table} ("
+                "request_id VARCHAR(200) NOT NULL PRIMARY KEY, "
+                "created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP)"
+            )
+        finally:
+            cur.close()
+        conn.commit()
+        self._ready = True
+
+    def committed(self, conn: PooledConnection, request_id: str) -> bool:
+        """Whether work under ``request_id`` has committed. Ends the read
+        transaction, so the work that follows starts a fresh one."""
+        self._ensure(conn)
+        ph = conn.pool._driver.placeholder(conn.driver_connection)  # type: ignore[union-attr]
+        cur = conn.cursor()
+        try:
+            cur.execute(f"SELECT 1 FROM {self.table} WHERE request_id = {ph}", (request_id,))
+            found = cur.fetchone() is not None
+        finally:
+            cur.close()
+        conn.rollback()
+        return found
+
+    def record(self, conn: PooledConnection, request_id: str) -> None:
+        """Insert the id, in the caller's transaction. Raises the driver's
+        IntegrityError when the id is there already."""
+        ph = conn.pool._driver.placeholder(conn.driver_connection)  # type: ignore[union-attr]
+        cur = conn.cursor()
+        try:
+            cur.execute(f"INSERT INTO {self.table} (request_id) VALUES ({ph})", (request_id,))
+        finally:
+            cur.close()
+
+    def prune(self, conn: PooledConnection, older_than: float) -> int:
+        """Delete ids recorded more than ``older_than`` seconds ago; returns
+        how many."""
+        self._ensure(conn)
+        driver = conn.pool._driver
+        name = driver.name if driver is not None else "generic"
+        ph = driver.placeholder(conn.driver_connection) if driver is not None else "?"
+        if name in ("sqlite3", "dqlite"):
+            cutoff, arg = f"datetime('now', {ph})", f"-{float(older_than)} seconds"
+        elif name == "pymysql":
+            cutoff, arg = f"CURRENT_TIMESTAMP - INTERVAL {ph} SECOND", str(float(older_than))
+        else:
+            cutoff, arg = f"CURRENT_TIMESTAMP - {ph} * INTERVAL '1 second'", str(float(older_than))
+        cur = conn.cursor()
+        try:
+            cur.execute(f"DELETE FROM {self.table} WHERE created_at < {cutoff}", (arg,))
+            count = int(cur.rowcount)
+        finally:
+            cur.close()
+        conn.commit()
+        return count
+
+
+class _Attempt:
+    """What one attempt got to before it failed."""
+
+    __slots__ = ("stage", "bad_connections")
+
+    def __init__(self) -> None:
+        self.stage = "checkout"  # checkout -> begin -> work -> commit
+        self.bad_connections = 0
+
+
+def _is_integrity_error(exc: BaseException) -> bool:
+    return any(cls.__name__ == "IntegrityError" for cls in type(exc).__mro__)
+
+
+def run(
+    pool: Pool,
+    fn: Callable[[PooledConnection], T],
+    *,
+    idempotent: bool = False,
+    retry: Retry | bool | None = None,
+    request_id: str | None = None,
+    timeout: float | None = None,
+) -> T:
+    if not callable(fn):
+        raise TypeError(f"fn must be a callable taking a connection, not {type(fn).__name__}")
+    if request_id is not None and (not isinstance(request_id, str) or not 0 < len(request_id) <= 200):
+        raise ValueError("request_id must be a non-empty str of at most 200 characters")
+    policy = _policy(pool, retry)
+    ledger = pool.ledger if request_id is not None else None
+    state = _Attempt()
+
+    def should_retry(exc: BaseException) -> bool:
+        if isinstance(exc, PoolError) and not isinstance(exc, AmbiguousCommitError):
+            return False  # PoolTimeout, PoolClosed...: the pool already waited
+        c = pool.classify(exc, during_commit=state.stage == "commit")
+        if c.category is Category.BAD_CONNECTION:
+            state.bad_connections += 1
+            return idempotent or state.stage in ("checkout", "begin")
+        if c.category is Category.AMBIGUOUS:
+            return idempotent or request_id is not None
+        return c.category in (Category.RETRYABLE, Category.NOT_LEADER)
+
+    def before_sleep(rs: tenacity.RetryCallState) -> None:
+        pool._count_retry()
+        exc = rs.outcome.exception() if rs.outcome is not None else None
+        c = pool.classify(exc) if exc is not None else None
+        logger.warning(
+            "pool %r: attempt %d of %d failed at %s (%s: %s); retrying in %.2fs",
+            pool.name,
+            rs.attempt_number,
+            policy.attempts,
+            state.stage,
+            c.category.name if c else "?",
+            c.reason if c else exc,
+            rs.upcoming_sleep,
+        )
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(policy.attempts) | tenacity.stop_before_delay(policy.deadline),
+        wait=tenacity.wait_random_exponential(multiplier=policy.initial_backoff, max=policy.max_backoff),
+        retry=tenacity.retry_if_exception(should_retry),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+    for attempt in retrying:
+        with attempt:
+            number = attempt.retry_state.attempt_number
+            # Go's alwaysNewConn: the last attempt, or any after two dead
+            # connections, does not trust a pooled connection again.
+            fresh = number > 1 and (number == policy.attempts or state.bad_connections >= 2)
+            state.stage = "checkout"
+            conn = pool._acquire_fresh(timeout) if fresh else pool.acquire(timeout)
+            try:
+                if ledger is not None:
+                    assert request_id is not None
+                    if ledger.committed(conn, request_id):
+                        logger.info("pool %r: request %r already committed; not run again", pool.name, request_id)
+                        return None  # type: ignore[return-value]
+                state.stage = "begin"
+                pool._driver.begin(conn)  # type: ignore[union-attr]
+                state.stage = "work"
+                result = fn(conn)
+                if ledger is not None:
+                    assert request_id is not None
+                    try:
+                        ledger.record(conn, request_id)
+                    except Exception as exc:
+                        if not _is_integrity_error(exc):
+                            raise
+                        # a concurrent call with the same id committed first
+                        conn.rollback()
+                        logger.info("pool %r: request %r committed by another call", pool.name, request_id)
+                        return None  # type: ignore[return-value]
+                state.stage = "commit"
+                conn.commit()
+                return result
+            except BaseException:
+                if state.stage != "commit" and not conn.closed:
+                    with contextlib.suppress(Exception):
+                        conn.rollback()
+                raise
+            finally:
+                conn.close()
+    raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
+
+
+@contextlib.contextmanager
+def transaction(pool: Pool, timeout: float | None = None) -> Iterator[Any]:
+    conn = pool.acquire(timeout)
+    try:
+        pool._driver.begin(conn)  # type: ignore[union-attr]
+        try:
+            yield conn
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.rollback()
+            raise
+        conn.commit()
+    finally:
+        conn.close()

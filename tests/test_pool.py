@@ -1,0 +1,862 @@
+"""Unit tests of the pool core on the fake driver, with an injected clock."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import fakedb
+import pytest
+
+import poolkit
+from poolkit import ConnectionReturned, Pool, PoolClosed, PoolTimeout, TooManyWaiters
+
+# ------------------------------------------------------------ configuration
+
+
+@pytest.mark.parametrize(
+    ("kw", "exc", "text"),
+    [
+        ({"max_size": 0}, ValueError, "max_size must be >= 1"),
+        ({"max_size": 2.5}, TypeError, "max_size must be an int"),
+        ({"max_size": True}, TypeError, "max_size must be an int"),
+        ({"min_size": 5, "max_size": 2}, ValueError, "min_size (5) must not exceed max_size (2)"),
+        ({"min_size": -1}, ValueError, "min_size must be >= 0"),
+        ({"timeout": -1}, ValueError, "timeout must be >= 0"),
+        ({"timeout": "3"}, TypeError, "timeout must be a number"),
+        ({"max_lifetime": 0}, ValueError, "max_lifetime must be > 0"),
+        ({"max_idle_time": -5}, ValueError, "max_idle_time must be > 0"),
+        ({"lifetime_jitter": 1.5}, ValueError, "lifetime_jitter"),
+        ({"ping": "yes"}, TypeError, "ping must be True/False, None or a callable"),
+        ({"reset_session": 3}, TypeError, "reset_session must be"),
+        ({"is_valid": True}, TypeError, "is_valid must be None or a callable"),
+        ({"configure": 1}, TypeError, "configure must be"),
+        ({"max_waiting": -1}, ValueError, "max_waiting must be >= 0"),
+        ({"ping_timeout": 0}, ValueError, "ping_timeout must be > 0"),
+        ({"leak_timeout": 0}, ValueError, "leak_timeout must be > 0"),
+        ({"name": 5}, TypeError, "name must be a str"),
+        ({"retry": "always"}, TypeError, "retry must be"),
+        ({"ledger_table": "x; DROP TABLE y"}, ValueError, "ledger table must be a plain SQL identifier"),
+        ({"max_lifetime": float("nan")}, ValueError, "max_lifetime"),
+    ],
+)
+def test_bad_configuration_is_refused_at_construction(
+    server: fakedb.Server, kw: dict[str, Any], exc: type, text: str
+) -> None:
+    with pytest.raises(exc) as info:
+        Pool(server.connect, **kw)
+    assert text in str(info.value)
+
+
+def test_connect_must_be_callable() -> None:
+    with pytest.raises(TypeError, match="connect must be a zero-argument callable"):
+        Pool("dbname=test")  # type: ignore[arg-type]
+
+
+def test_option_none_means_no_limit(make_pool: Any) -> None:
+    pool = make_pool(max_lifetime=None, max_idle_time=None, max_idle=None)
+    with pool.connection() as conn:
+        conn.cursor().execute("SELECT 1")
+    assert pool.stats().idle == 1
+
+
+# ------------------------------------------------------------- basic use
+
+
+def test_checkout_returns_and_reuses_lifo(make_pool: Any, server: fakedb.Server) -> None:
+    pool = make_pool(max_size=3)
+    a, b, c = pool.acquire(), pool.acquire(), pool.acquire()
+    ids = [x.driver_connection.id for x in (a, b, c)]
+    a.close()
+    b.close()
+    c.close()  # idle stack: a, b, c (c on top)
+    with pool.connection() as conn:
+        assert conn.driver_connection.id == ids[2]  # last in, first out
+    with pool.connection() as conn:
+        assert conn.driver_connection.id == ids[2]  # the hot one again
+    assert len(server.connections) == 3
+
+
+def test_using_a_returned_connection_raises_a_clear_error(make_pool: Any) -> None:
+    pool = make_pool()
+    conn = pool.acquire()
+    cur = conn.cursor()
+    conn.close()
+    with pytest.raises(ConnectionReturned, match="returned to its pool"):
+        conn.cursor()
+    with pytest.raises(ConnectionReturned):
+        conn.commit()
+    with pytest.raises(ConnectionReturned):
+        cur.execute("SELECT 1")
+    conn.close()  # returning twice is harmless
+    assert pool.stats().idle == 1
+    assert pool.stats().in_use == 0
+
+
+def test_open_transaction_is_rolled_back_on_return(make_pool: Any, server: fakedb.Server) -> None:
+    pool = make_pool(max_size=1)
+    with pool.connection() as conn:
+        conn.cursor().execute("INSERT 1")
+        raw = conn.driver_connection
+        assert raw.in_transaction
+    assert not raw.in_transaction
+    assert raw.rollbacks == 1
+    assert server.committed == []
+    with pool.connection() as conn:  # no transaction: nothing to roll back
+        assert conn.driver_connection is raw
+    assert raw.rollbacks == 1
+
+
+def test_connection_in_unknowable_state_is_closed_on_return(make_pool: Any) -> None:
+    pool = make_pool(max_size=1)
+    conn = pool.acquire()
+    raw = conn.driver_connection
+    raw.close()  # closed underneath the pool: state can't be read
+    conn.close()
+    s = pool.stats()
+    assert s.open == 0 and s.closed_bad == 1
+
+
+def test_configure_runs_once_per_new_connection(make_pool: Any) -> None:
+    seen: list[int] = []
+    pool = make_pool(configure=lambda raw: seen.append(raw.id))
+    for _ in range(3):
+        with pool.connection():
+            pass
+    assert len(seen) == 1
+
+
+def test_repr_is_one_informative_line(make_pool: Any) -> None:
+    pool = make_pool(name="orders", max_size=4)
+    a = pool.acquire()
+    b = pool.acquire()
+    b.close()
+    assert repr(pool) == "<Pool 'orders' open=2 in_use=1 idle=1 waiting=0 gen=0>"
+    a.close()
+    pool.invalidate()
+    assert repr(pool) == "<Pool 'orders' open=0 in_use=0 idle=0 waiting=0 gen=1>"
+
+
+# ------------------------------------------------------- limits, waiters
+
+
+def test_never_more_than_max_size_open_with_100_threads(make_pool: Any, server: fakedb.Server) -> None:
+    pool = make_pool(max_size=10, timeout=30)
+    peak = 0
+    lock = threading.Lock()
+    barrier = threading.Barrier(100)
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        nonlocal peak
+        try:
+            barrier.wait()
+            for _ in range(20):
+                with pool.connection() as conn:
+                    conn.cursor().execute("SELECT 1")
+                    with lock:
+                        peak = max(peak, len(server.open_connections))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(100)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert peak <= 10
+    assert len(server.open_connections) <= 10
+    s = pool.stats()
+    assert s.acquired == 2000
+    assert s.created - s.closed == s.open
+
+
+def test_waiters_are_served_first_in_first_out(make_pool: Any) -> None:
+    pool = make_pool(max_size=1)
+    held = pool.acquire()
+    order: list[int] = []
+    started: list[threading.Event] = []
+
+    def waiter(i: int, ev: threading.Event) -> None:
+        ev.set()
+        with pool.connection(timeout=10):
+            order.append(i)
+
+    threads = []
+    for i in range(5):
+        ev = threading.Event()
+        t = threading.Thread(target=waiter, args=(i, ev))
+        t.start()
+        ev.wait()
+        # wait until this thread is in the queue before starting the next
+        deadline = time.monotonic() + 5
+        while pool.stats().waiting < i + 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        threads.append(t)
+    held.close()
+    for t in threads:
+        t.join()
+    assert order == [0, 1, 2, 3, 4]
+
+
+def test_returned_connection_goes_straight_to_the_waiter(make_pool: Any, server: fakedb.Server) -> None:
+    pool = make_pool(max_size=1)
+    held = pool.acquire()
+    raw = held.driver_connection
+    got: list[Any] = []
+    t = threading.Thread(target=lambda: got.append(pool.acquire(timeout=5)))
+    t.start()
+    while pool.stats().waiting < 1:
+        time.sleep(0.001)
+    held.close()
+    t.join()
+    assert got[0].driver_connection is raw
+    assert pool.stats().idle == 0  # never went through the idle stack
+    got[0].close()
+
+
+@pytest.mark.timing
+def test_waiter_never_waits_past_its_timeout(make_pool: Any) -> None:
+    pool = make_pool(max_size=1)
+    held = pool.acquire()
+    for timeout in (0.05, 0.2):
+        t0 = time.monotonic()
+        with pytest.raises(PoolTimeout):
+            pool.acquire(timeout=timeout)
+        elapsed = time.monotonic() - t0
+        assert timeout - 0.005 <= elapsed <= timeout + 0.05
+    s = pool.stats()
+    assert s.timeouts == 2 and s.waiting == 0
+    held.close()
+
+
+def test_waiter_that_timed_out_never_receives_a_connection(make_pool: Any) -> None:
+    pool = make_pool(max_size=1)
+    held = pool.acquire()
+    with pytest.raises(PoolTimeout):
+        pool.acquire(timeout=0.01)
+    held.close()
+    s = pool.stats()
+    assert s.idle == 1 and s.in_use == 0 and s.waiting == 0
+
+
+def test_too_many_waiters_is_refused_at_once(make_pool: Any) -> None:
+    pool = make_pool(max_size=1, max_waiting=1)
+    held = pool.acquire()
+    t = threading.Thread(target=lambda: pool.acquire(timeout=5).close())
+    t.start()
+    while pool.stats().waiting < 1:
+        time.sleep(0.001)
+    t0 = time.monotonic()
+    with pytest.raises(TooManyWaiters, match="max_waiting"):
+        pool.acquire(timeout=5)
+    assert time.monotonic() - t0 < 0.5
+    held.close()
+    t.join()
+
+
+def test_slow_connect_does_not_block_acquires_that_can_be_served(make_pool: Any, server: fakedb.Server) -> None:
+    pool = make_pool(max_size=2)
+    with pool.connection():
+        pass  # one idle connection
+    in_connect = threading.Event()
+    release = threading.Event()
+    a = pool.acquire()  # takes the idle one
+
+    def slow() -> None:
+        in_connect.set()
+        release.wait(5)
+
+    server.connect_hook = slow
+    t = threading.Thread(target=lambda: pool.acquire(timeout=5).close())
+    t.start()
+    assert in_connect.wait(5)
+    server.connect_hook = None
+    a.close()
+    t0 = time.monotonic()
+    with pool.connection(timeout=1):  # served from idle while the other connect hangs
+        pass
+    assert time.monotonic() - t0 < 0.5
+    release.set()
+    t.join()
+
+
+def test_connect_failure_retries_with_backoff_then_times_out_with_cause(make_pool: Any, server: fakedb.Server) -> None:
+    pool = make_pool(max_size=1)
+    server.down = True
+    t0 = time.monotonic()
+    with pytest.raises(PoolTimeout) as info:
+        pool.acquire(timeout=0.5)
+    assert time.monotonic() - t0 < 0.5 + 0.1
+    assert isinstance(info.value.__cause__, fakedb.OperationalError)
+    assert pool.stats().connect_errors >= 2  # retried, with backoff
+    assert pool.stats().open == 0  # the slot was given back
+
+
+def test_connect_recovers_when_the_server_comes_back(make_pool: Any, server: fakedb.Server) -> None:
+    pool = make_pool(max_size=1)
+    server.connect_errors = [fakedb.OperationalError("connection refused")] * 3
+    with pool.connection(timeout=10) as conn:
+        assert conn.driver_connection.id == 1
+    assert pool.stats().connect_errors == 3
+
+
+def test_connect_programming_error_is_raised_at_once(make_pool: Any, server: fakedb.Server) -> None:
+    pool = make_pool(max_size=1)
+    server.connect_errors = [TypeError("unexpected keyword argument 'dbnmae'")]
+    t0 = time.monotonic()
+    with pytest.raises(TypeError, match="dbnmae"):
+        pool.acquire(timeout=10)
+    assert time.monotonic() - t0 < 1
+    assert pool.stats().open == 0
+
+
+# ------------------------------------------------------------ health hooks
+
+
+def test_liveness_probe_discards_a_connection_killed_while_idle(make_pool: Any, server: fakedb.Server) -> None:
+    pool = make_pool(max_size=2, ping=False)
+    with pool.connection() as conn:
+        first = conn.driver_connection
+    first.kill()
+    with pool.connection() as conn:  # the caller sees no error
+        assert conn.driver_connection is not first
+        conn.cursor().execute("SELECT 1")
+    s = pool.stats()
+    assert s.closed_bad == 1 and s.acquired == 2 and s.pings == 0
+
+
+def test_liveness_probe_then_ping_keeps_a_readable_but_healthy_connection(
+    make_pool: Any, server: fakedb.Server
+) -> None:
+    pool = make_pool(max_size=1)
+    with pool.connection() as conn:
+        raw = conn.driver_connection
+    raw._server_end.send(b"N")  # an unsolicited message (a NOTICE): readable, not dead
+    with pool.connection() as conn:
+        assert conn.driver_connection is raw  # the ping said it's alive
+    assert pool.stats().pings == 1
+
+
+def test_ping_runs_only_after_ping_after_seconds_idle(make_pool: Any, clock: Any) -> None:
+    pool = make_pool(ping_after=10)
+    with pool.connection() as conn:
+        raw = conn.driver_connection
+    clock.advance(5)
+    with pool.connection():
+        pass
+    assert raw.pings == 0
+    clock.advance(11)
+    with pool.connection():
+        pass
+    assert raw.pings == 1
+    assert pool.stats().pings == 1
+
+
+@pytest.mark.parametrize("mode", ["raises", "false"])
+def test_ping_hook_that_raises_or_says_no_discards(make_pool: Any, clock: Any, mode: str) -> None:
+    def ping(raw: Any) -> bool:
+        if mode == "raises":
+            raise RuntimeError("no")
+        return False
+
+    pool = make_pool(ping=ping, ping_after=1)
+    with pool.connection() as conn:
+        first = conn.driver_connection
+    clock.advance(2)
+    with pool.connection() as conn:
+        assert conn.driver_connection is not first
+    s = pool.stats()
+    assert s.ping_failures == 1 and s.closed_bad == 1
+
+
+def test_default_ping_failure_discards(make_pool: Any, server: fakedb.Server, clock: Any, caplog: Any) -> None:
+    pool = make_pool(ping_after=1, name="p")
+    with pool.connection() as conn:
+        first = conn.driver_connection
+    server.ping_error = fakedb.OperationalError("server closed the connection unexpectedly")
+    clock.advance(2)
+    with caplog.at_level(logging.WARNING, logger="poolkit.pool"):
+        with pool.connection() as conn:
+            second = conn.driver_connection
+    server.ping_error = None
+    assert second is not first and first.closed
+    assert "ping failed" in caplog.text and "'p'" in caplog.text
+
+
+def test_reset_session_runs_only_on_used_connections(make_pool: Any) -> None:
+    pool = make_pool(reset_session=True)
+    with pool.connection() as conn:
+        raw = conn.driver_connection
+        assert raw.resets == 0  # brand new: nothing to reset
+        conn.cursor().execute("SET search_path = evil")
+    with pool.connection() as conn:
+        assert raw.resets == 1
+        cur = conn.cursor()
+        cur.execute("SHOW search_path")
+        assert cur.fetchone() == (None,)  # the previous borrower's setting is gone
+
+
+@pytest.mark.parametrize("mode", ["raises", "false"])
+def test_reset_session_hook_that_fails_discards(make_pool: Any, mode: str) -> None:
+    def reset(raw: Any) -> bool:
+        if mode == "raises":
+            raise RuntimeError("cannot reset")
+        return False
+
+    pool = make_pool(reset_session=reset)
+    with pool.connection() as conn:
+        first = conn.driver_connection
+    with pool.connection() as conn:
+        assert conn.driver_connection is not first
+    assert pool.stats().closed_invalid == 1
+
+
+@pytest.mark.parametrize("mode", ["raises", "false"])
+def test_is_valid_that_raises_or_says_no_closes_on_return(make_pool: Any, mode: str) -> None:
+    def is_valid(raw: Any) -> bool:
+        if mode == "raises":
+            raise RuntimeError("broken")
+        return False
+
+    pool = make_pool(is_valid=is_valid)
+    with pool.connection() as conn:
+        raw = conn.driver_connection
+    assert raw.closed
+    s = pool.stats()
+    assert s.closed_invalid == 1 and s.idle == 0 and s.open == 0
+
+
+# -------------------------------------------------- lifetime, idle, jitter
+
+
+def test_lifetime_expired_connection_is_not_handed_out(make_pool: Any, clock: Any) -> None:
+    pool = make_pool(max_lifetime=100, lifetime_jitter=0)
+    with pool.connection() as conn:
+        first = conn.driver_connection
+    clock.advance(99)
+    with pool.connection() as conn:
+        assert conn.driver_connection is first
+    clock.advance(2)
+    with pool.connection() as conn:
+        assert conn.driver_connection is not first
+    assert pool.stats().closed_expired == 1
+
+
+def test_idle_time_exceeded_connection_is_not_handed_out(make_pool: Any, clock: Any) -> None:
+    pool = make_pool(max_idle_time=30)
+    with pool.connection() as conn:
+        first = conn.driver_connection
+    clock.advance(31)
+    with pool.connection() as conn:
+        assert conn.driver_connection is not first
+    assert pool.stats().closed_idle == 1
+
+
+def test_lifetime_jitter_spreads_expiry_below_max_lifetime(make_pool: Any) -> None:
+    pool = make_pool(max_size=50, max_lifetime=100, lifetime_jitter=0.2)
+    conns = [pool.acquire() for _ in range(50)]
+    lifetimes = [c._rec.expires_at - c._rec.created_at for c in conns]
+    assert all(80 <= lt <= 100 for lt in lifetimes)
+    assert max(lifetimes) - min(lifetimes) > 5  # not all at once
+    for c in conns:
+        c.close()
+
+
+def test_maintenance_closes_expired_idle_and_keeps_min_size(make_pool: Any, clock: Any, server: fakedb.Server) -> None:
+    pool = make_pool(max_size=5, min_size=2, max_idle_time=10, max_lifetime=1000, lifetime_jitter=0)
+    pool._maintain()
+    assert pool.stats().idle == 2
+    first = {c.id for c in server.open_connections}
+    clock.advance(11)
+    pool._maintain()
+    s = pool.stats()
+    assert s.closed_idle == 2 and s.idle == 2 and s.open == 2
+    assert first.isdisjoint(c.id for c in server.open_connections)
+
+
+def test_maintenance_thread_runs_by_itself(server: fakedb.Server) -> None:
+    pool = Pool(server.connect, min_size=2, maintenance_interval=0.02)
+    try:
+        deadline = time.monotonic() + 5
+        while pool.stats().idle < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pool.stats().idle == 2
+    finally:
+        pool.close()
+    assert not pool._maintainer.is_alive()
+
+
+# ------------------------------------------------------------ invalidate
+
+
+def test_invalidate_retires_idle_and_checked_out_connections(make_pool: Any) -> None:
+    pool = make_pool(max_size=3)
+    a = pool.acquire()
+    b = pool.acquire()
+    old = {a.driver_connection, b.driver_connection}
+    b_raw = b.driver_connection
+    b.close()
+    pool.invalidate()
+    assert b_raw.closed  # idle: closed at once
+    assert pool.stats().idle == 0
+    a.cursor().execute("SELECT 1")  # the holder keeps using it
+    a_raw = a.driver_connection
+    a.close()
+    assert a_raw.closed  # closed on return, not pooled
+    with pool.connection() as conn:
+        assert conn.driver_connection not in old
+    assert pool.stats().generation == 1
+
+
+def test_invalidate_during_connect_in_flight_discards_the_new_connection(
+    make_pool: Any, server: fakedb.Server
+) -> None:
+    pool = make_pool(max_size=2)
+    in_connect = threading.Barrier(2)
+    go_on = threading.Event()
+    made: list[Any] = []
+
+    def hook() -> None:
+        if not made:
+            made.append(True)
+            in_connect.wait()
+            go_on.wait(5)
+
+    server.connect_hook = hook
+    got: list[Any] = []
+    t = threading.Thread(target=lambda: got.append(pool.acquire(timeout=5)))
+    t.start()
+    in_connect.wait()  # the connect has started (generation already read)
+    pool.invalidate()
+    go_on.set()
+    t.join()
+    assert got[0].driver_connection.id == 2  # connection 1 opened before the invalidate: never handed out
+    assert server.connections[0].closed
+    assert pool.stats().closed_invalidated == 1
+    got[0].close()
+
+
+def test_invalidate_while_checkout_pings(make_pool: Any, server: fakedb.Server, clock: Any) -> None:
+    """invalidate() lands while a checkout is between popping and handing out."""
+    in_ping = threading.Barrier(2)
+    resume = threading.Event()
+    calls: list[int] = []
+
+    def ping(raw: Any) -> bool:
+        calls.append(raw.id)
+        if len(calls) == 1:
+            in_ping.wait()
+            resume.wait(5)
+        return True
+
+    pool = make_pool(max_size=2, ping=ping, ping_after=1)
+    with pool.connection():
+        pass
+    clock.advance(2)
+    got: list[Any] = []
+    t = threading.Thread(target=lambda: got.append(pool.acquire(timeout=5)))
+    t.start()
+    in_ping.wait()
+    pool.invalidate()
+    resume.set()
+    t.join()
+    assert got[0].driver_connection.id == 2
+    assert server.connections[0].closed
+    got[0].close()
+
+
+def test_invalidate_races_with_concurrent_checkout_and_return(make_pool: Any, server: fakedb.Server) -> None:
+    """Many rounds of: threads released together by a barrier check out, use
+    and return while another thread invalidates. After each invalidate, no
+    connection of an older generation is ever handed out."""
+    pool = make_pool(max_size=4, timeout=10)
+    stop = threading.Event()
+    violations: list[str] = []
+    barrier = threading.Barrier(5)
+
+    def worker() -> None:
+        barrier.wait()
+        while not stop.is_set():
+            gen_before = pool._generation
+            with pool.connection() as conn:
+                rec = conn._rec
+                if rec.generation < gen_before:
+                    violations.append(f"gen {rec.generation} handed out after invalidate to {gen_before}")
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    for _ in range(200):
+        pool.invalidate()
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not violations
+    s = pool.stats()
+    assert s.generation == 200
+    assert s.in_use == 0 and s.created - s.closed == s.open
+
+
+# ----------------------------------------------------------------- stats
+
+
+def test_reset_stats_does_not_lose_concurrent_updates(make_pool: Any) -> None:
+    pool = make_pool(max_size=4)
+    per_thread = 500
+    barrier = threading.Barrier(5)
+    done = threading.Event()
+    resets = 0
+
+    def worker() -> None:
+        barrier.wait()
+        for _ in range(per_thread):
+            with pool.connection():
+                pass
+
+    def resetter() -> None:
+        nonlocal resets
+        barrier.wait()
+        while not done.is_set():
+            pool.reset_stats()
+            resets += 1
+
+    # count what was acquired since the *last* reset: run the resetter
+    # alongside, stop it, reset once more, then do a known amount of work
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    r = threading.Thread(target=resetter)
+    r.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done.set()
+    r.join()
+    assert resets > 0
+    pool.reset_stats()
+    assert pool.stats().acquired == 0
+    barrier2 = threading.Barrier(4)
+
+    def worker2() -> None:
+        barrier2.wait()
+        for _ in range(per_thread):
+            with pool.connection():
+                pass
+
+    threads = [threading.Thread(target=worker2) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert pool.stats().acquired == 4 * per_thread  # no increment lost
+
+
+def test_reset_stats_is_atomic_with_increments(make_pool: Any, monkeypatch: Any) -> None:
+    """A reset that lands between another thread's read and write of a
+    counter would lose the reset (or the increment). The counters are only
+    touched under the lock, so a reset provoked at that exact point waits."""
+    pool = make_pool()
+    with pool.connection():
+        pass
+    entered = threading.Event()
+    real_lock = pool._lock
+
+    class SlowLock:
+        def __enter__(self) -> None:
+            real_lock.acquire()
+            if threading.current_thread().name == "incrementer":
+                entered.set()
+                time.sleep(0.05)  # hold the lock: a racing reset must wait
+
+        def __exit__(self, *a: object) -> None:
+            real_lock.release()
+
+        def acquire(self, *a: Any, **k: Any) -> bool:
+            return real_lock.acquire(*a, **k)
+
+        def release(self) -> None:
+            real_lock.release()
+
+    monkeypatch.setattr(pool, "_lock", SlowLock())
+    t = threading.Thread(target=pool._count_retry, name="incrementer")
+    t.start()
+    entered.wait()
+    pool.reset_stats()  # must run entirely before or after the increment
+    t.join()
+    monkeypatch.setattr(pool, "_lock", real_lock)
+    assert pool.stats().retries == 0  # the increment came first, the reset after
+
+
+def test_stats_snapshot_is_frozen_and_complete(make_pool: Any) -> None:
+    pool = make_pool(max_size=7)
+    s = pool.stats()
+    with pytest.raises(Exception):  # noqa: B017 - FrozenInstanceError
+        s.open = 3  # type: ignore[misc]
+    for field in (
+        "max_size open in_use idle waiting acquired wait_count wait_time timeouts created closed closed_bad "
+        "closed_expired closed_idle closed_invalidated closed_invalid pings ping_failures retries generation"
+    ).split():
+        assert hasattr(s, field), field
+    assert s.max_size == 7
+    text = s.prometheus()
+    assert 'poolkit_open{pool="' in text and "poolkit_acquired_total" in text
+
+
+def test_export_stats_writes_json_atomically(make_pool: Any, tmp_path: Any, monkeypatch: Any) -> None:
+    pool = make_pool(name="exp")
+    path = tmp_path / "stats.json"
+    pool.export_stats(path)
+    assert json.loads(path.read_text())["name"] == "exp"
+    # a failure half-way leaves the old file and no temporary behind
+    import poolkit.stats as stats_mod
+
+    def boom(*a: Any, **k: Any) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(stats_mod.os, "replace", boom)
+    with pool.connection():
+        pass
+    with pytest.raises(OSError, match="disk full"):
+        pool.export_stats(path)
+    assert json.loads(path.read_text())["acquired"] == 0  # the old content
+    assert [p.name for p in tmp_path.iterdir()] == ["stats.json"]
+
+
+# ------------------------------------------------------------ close, resize
+
+
+def test_close_wakes_waiters_and_closes_connections(make_pool: Any, server: fakedb.Server) -> None:
+    pool = make_pool(max_size=2)
+    held = pool.acquire()
+    idle = pool.acquire()
+    idle.close()
+    errors: list[BaseException] = []
+
+    def waiter() -> None:
+        try:
+            pool.acquire(timeout=10)
+        except BaseException as exc:
+            errors.append(exc)
+
+    held2 = pool.acquire()
+    t = threading.Thread(target=waiter)
+    t.start()
+    while pool.stats().waiting < 1:
+        time.sleep(0.001)
+    t0 = time.monotonic()
+    closer = threading.Thread(target=pool.close, kwargs={"timeout": 5})
+    closer.start()
+    t.join(5)
+    assert isinstance(errors[0], PoolClosed)
+    assert time.monotonic() - t0 < 1
+    raw = held.driver_connection
+    held.close()
+    held2.close()
+    closer.join(5)
+    assert raw.closed
+    assert server.open_connections == []
+    with pytest.raises(PoolClosed):
+        pool.acquire()
+    pool.close()  # twice is fine
+
+
+def test_pool_as_context_manager_closes(server: fakedb.Server) -> None:
+    with Pool(server.connect) as pool:
+        with pool.connection():
+            pass
+    assert pool.closed and server.open_connections == []
+
+
+def test_resize_grows_for_waiters_and_shrinks_idle(make_pool: Any) -> None:
+    pool = make_pool(max_size=1)
+    held = pool.acquire()
+    got: list[Any] = []
+    t = threading.Thread(target=lambda: got.append(pool.acquire(timeout=5)))
+    t.start()
+    while pool.stats().waiting < 1:
+        time.sleep(0.001)
+    pool.resize(2)
+    t.join()
+    assert got and pool.stats().open == 2
+    got[0].close()
+    held.close()
+    pool.resize(1)
+    assert pool.stats().open == 1
+    with pytest.raises(ValueError):
+        pool.resize(0)
+
+
+# ----------------------------------------------------- leaks, fork safety
+
+
+def test_leaked_connection_is_logged_with_the_checkout_stack(make_pool: Any, clock: Any, caplog: Any) -> None:
+    pool = make_pool(leak_timeout=10, name="leaky")
+
+    def checkout_site() -> Any:
+        return pool.acquire()
+
+    conn = checkout_site()
+    clock.advance(11)
+    with caplog.at_level(logging.WARNING, logger="poolkit.pool"):
+        pool._maintain()
+        pool._maintain()  # logged once
+    records = [r for r in caplog.records if "checked out for" in r.getMessage()]
+    assert len(records) == 1
+    assert "checkout_site" in records[0].getMessage()
+    conn.close()
+
+
+def test_dropped_proxy_is_reclaimed(make_pool: Any, caplog: Any) -> None:
+    pool = make_pool(max_size=1)
+    conn = pool.acquire()
+    conn.cursor().execute("INSERT 1")
+    raw = conn.driver_connection
+    with caplog.at_level(logging.WARNING, logger="poolkit.pool"):
+        del conn
+        gc.collect()
+        with pool.connection(timeout=2) as again:  # the only slot comes back
+            assert again.driver_connection is raw
+    assert not raw.in_transaction  # rolled back before reuse
+    assert "dropped without being returned" in caplog.text
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_forked_child_never_uses_or_closes_inherited_connections(make_pool: Any, server: fakedb.Server) -> None:
+    pool = make_pool(max_size=2)
+    held = pool.acquire()
+    with pool.connection():
+        pass
+    parent_raws = {held.driver_connection.id, *(c.id for c in server.open_connections)}
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            os.close(r)
+            with pool.connection(timeout=2) as conn:
+                ok = conn.driver_connection.id not in parent_raws
+            held.close()  # returning an inherited connection must not close it
+            inherited_open = all(not c.closed for c in server.connections if c.id in parent_raws)
+            os.write(w, b"ok" if ok and inherited_open else b"bad")
+        finally:
+            os._exit(0)
+    os.close(w)
+    result = os.read(r, 10)
+    os.waitpid(pid, 0)
+    os.close(r)
+    assert result == b"ok"
+    assert not held.driver_connection.closed  # the parent's connections are untouched
+    held.close()
+
+
+def test_public_names() -> None:
+    for name in poolkit.__all__:
+        obj = getattr(poolkit, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert obj.__module__ == "poolkit", name
