@@ -93,7 +93,7 @@ class _Conn:
         self.bad = ""  # set to a reason when an error showed the connection unusable
         self.poller: Any = None
         self.checked_out_at = 0.0
-        self.stack: traceback.StackSummary | None = None
+        self.stack: list[traceback.FrameSummary] | None = None
         self.leak_logged = False
 
 
@@ -811,7 +811,7 @@ class Pool:
         if rec.leak_logged or now - rec.checked_out_at < self._leak_timeout:
             return
         rec.leak_logged = True
-        where = "".join(rec.stack.format()) if rec.stack else "(unknown)\n"
+        where = "".join(traceback.format_list(rec.stack)) if rec.stack else "(unknown)\n"
         logger.warning(
             "pool %r: connection %d checked out for %.1fs (leak_timeout %.1fs); checked out at:\n%s",
             self.name,

@@ -63,3 +63,88 @@ def make_pool(server: fakedb.Server, clock: Clock) -> Any:
     yield make
     for p in pools:
         p.close(timeout=1.0)
+
+
+# ------------------------------------------------------------ real servers
+
+import backends  # noqa: E402
+
+_started = False
+
+
+def _open_backend(name: str, tmp_path: Any) -> backends.Backend:
+    global _started
+    if name == "sqlite":
+        return backends.sqlite(str(tmp_path / "test.db"))
+    factory = backends.postgresql if name == "postgresql" else backends.mariadb
+    try:
+        return factory()
+    except ImportError as exc:
+        need_server(f"{name} driver", exc)
+    except Exception as first:
+        if not _started:
+            _started = True
+            backends.start_servers()
+            try:
+                return factory()
+            except Exception as exc:
+                need_server(name, exc)
+        need_server(name, first)
+    raise AssertionError("unreachable")
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
+def backend(request: Any, tmp_path: Any) -> Any:
+    b = _open_backend(request.param, tmp_path)
+    yield b
+    b.close()
+
+
+@pytest.fixture(params=["postgresql", "mariadb"])
+def net_backend(request: Any, tmp_path: Any) -> Any:
+    """The backends with a server that can kill a connection."""
+    b = _open_backend(request.param, tmp_path)
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def pg(tmp_path: Any) -> Any:
+    b = _open_backend("postgresql", tmp_path)
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def maria(tmp_path: Any) -> Any:
+    b = _open_backend("mariadb", tmp_path)
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def sqlite_backend(tmp_path: Any) -> Any:
+    b = _open_backend("sqlite", tmp_path)
+    yield b
+    b.close()
+
+
+def _test_backend(request: Any) -> Any:
+    for fixture in ("backend", "net_backend", "pg", "maria", "sqlite_backend"):
+        if fixture in request.fixturenames:
+            return request.getfixturevalue(fixture)
+    raise LookupError("the table fixture needs a backend fixture")
+
+
+@pytest.fixture
+def table(request: Any) -> Any:
+    """A fresh table ``(id INT PRIMARY KEY, v VARCHAR(100))`` named after the test."""
+    backend = _test_backend(request)
+    name = "t_" + "".join(ch if ch.isalnum() else "_" for ch in request.node.name)[:50].lower()
+    backend.execute(f"DROP TABLE IF EXISTS {name}")
+    backend.execute(f"CREATE TABLE {name} (id INT PRIMARY KEY, v VARCHAR(100))")
+    yield name
+    try:
+        backend.execute(f"DROP TABLE IF EXISTS {name}")
+    except Exception:
+        pass

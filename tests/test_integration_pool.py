@@ -1,0 +1,166 @@
+"""The pool core against real servers: SQLite, PostgreSQL, MariaDB."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from poolkit import Pool
+
+pytestmark = pytest.mark.integration
+
+
+def test_round_trip(backend: Any, table: str) -> None:
+    with Pool(backend.connect, max_size=2, name=backend.name) as pool:
+        with pool.connection() as conn:
+            cur = conn.cursor()
+            cur.execute(f"INSERT INTO {table} (id, v) VALUES (1, 'a')")
+            conn.commit()
+            cur.execute(f"SELECT v FROM {table} WHERE id = 1")
+            assert cur.fetchone()[0] == "a"
+
+
+def test_connection_killed_while_idle_is_never_handed_out(net_backend: Any) -> None:
+    with Pool(net_backend.connect, max_size=2, name=net_backend.name) as pool:
+        with pool.connection() as conn:
+            victim = conn.driver_connection
+            victim_id = net_backend.server_id(victim)
+        net_backend.kill(victim)
+        # the caller sees no error: the pool finds the dead one before handing it out
+        with pool.connection() as conn:
+            cur = conn.cursor()
+            cur.execute("SELECT 1")
+            assert cur.fetchone()[0] == 1
+            assert net_backend.server_id(conn.driver_connection) != victim_id
+        s = pool.stats()
+        assert s.closed_bad == 1
+
+
+def test_killed_idle_connections_detected_without_ping_round_trip(net_backend: Any) -> None:
+    """The liveness probe alone (ping off) catches the server's kill."""
+    with Pool(net_backend.connect, max_size=3, ping=False) as pool:
+        conns = [pool.acquire() for _ in range(3)]
+        raws = [c.driver_connection for c in conns]
+        for c in conns:
+            c.close()
+        for raw in raws:
+            net_backend.kill(raw)
+        with pool.connection() as conn:
+            cur = conn.cursor()
+            cur.execute("SELECT 1")
+            assert conn.driver_connection not in raws
+        assert pool.stats().closed_bad == 3
+        assert pool.stats().pings == 0
+
+
+def test_open_transaction_is_rolled_back_before_the_next_borrower(backend: Any, table: str) -> None:
+    with Pool(backend.connect, max_size=1) as pool:
+        with pool.connection() as conn:
+            cur = conn.cursor()
+            cur.execute(f"INSERT INTO {table} (id, v) VALUES (1, 'uncommitted')")
+            first = conn.driver_connection
+            # leaves without commit
+        with pool.connection() as conn:
+            assert conn.driver_connection is first  # the same connection...
+            cur = conn.cursor()
+            cur.execute(f"SELECT count(*) FROM {table}")
+            assert cur.fetchone()[0] == 0  # ...but the write is gone
+        assert backend.execute(f"SELECT count(*) FROM {table}")[0][0] == 0
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_session_state_is_gone_for_the_next_borrower_with_reset_session(net_backend: Any, reset: bool) -> None:
+    if net_backend.name == "postgresql":
+        set_sql, get_sql, default = "SET application_name = 'borrower-one'", "SHOW application_name", ""
+    else:
+        set_sql, get_sql, default = "SET @poolkit_marker = 'borrower-one'", "SELECT @poolkit_marker", None
+    with Pool(net_backend.connect, max_size=1, reset_session=reset) as pool:
+        with pool.connection() as conn:
+            cur = conn.cursor()
+            cur.execute(set_sql)
+            conn.commit()
+            first = conn.driver_connection
+        with pool.connection() as conn:
+            assert conn.driver_connection is first
+            cur = conn.cursor()
+            cur.execute(get_sql)
+            value = cur.fetchone()[0]
+        assert value == (default if reset else "borrower-one")
+
+
+def test_reset_session_keeps_the_connection_usable(net_backend: Any, table: str) -> None:
+    with Pool(net_backend.connect, max_size=1, reset_session=True) as pool:
+        for i in range(3):
+            with pool.connection() as conn:
+                cur = conn.cursor()
+                cur.execute(f"INSERT INTO {table} (id, v) VALUES ({i}, 'x')")
+                conn.commit()
+        assert net_backend.execute(f"SELECT count(*) FROM {table}")[0][0] == 3
+        assert pool.stats().created == 1
+
+
+def test_ping_with_timeout_detects_a_dead_server_connection(net_backend: Any) -> None:
+    with Pool(net_backend.connect, max_size=1, ping_after=0, liveness=False) as pool:
+        with pool.connection() as conn:
+            victim = conn.driver_connection
+        net_backend.kill(victim)
+        with pool.connection() as conn:  # liveness off: the ping catches it
+            assert conn.driver_connection is not victim
+        s = pool.stats()
+        assert s.ping_failures == 1 and s.closed_bad == 1
+
+
+def test_100_threads_on_a_pool_of_10_never_open_more_than_10(backend: Any) -> None:
+    created: list[Any] = []
+    lock = threading.Lock()
+
+    def connect() -> Any:
+        raw = backend.connect()
+        with lock:
+            created.append(raw)
+        return raw
+
+    peak_server = 0
+    stop = threading.Event()
+
+    def watch() -> None:
+        nonlocal peak_server
+        while not stop.is_set():
+            with lock:
+                ids = [backend.server_id(r) for r in created] if backend.name != "sqlite" else []
+            if ids:
+                peak_server = max(peak_server, len(backend.alive_ids(ids)))
+            time.sleep(0.005)
+
+    with Pool(connect, max_size=10, timeout=60) as pool:
+        barrier = threading.Barrier(100)
+        errors: list[BaseException] = []
+
+        def worker() -> None:
+            try:
+                barrier.wait()
+                for _ in range(5):
+                    with pool.connection() as conn:
+                        cur = conn.cursor()
+                        cur.execute("SELECT 1")
+                        cur.fetchall()
+            except BaseException as exc:
+                errors.append(exc)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        threads = [threading.Thread(target=worker) for _ in range(100)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stop.set()
+        watcher.join()
+        assert not errors, errors[:3]
+        assert len(created) <= 10
+        assert peak_server <= 10
+        s = pool.stats()
+        assert s.acquired == 500 and s.open <= 10
