@@ -1003,6 +1003,14 @@ class PooledConnection:
             self._rec = None
             self._pool._release(rec)
 
+    def _notice(self, exc: BaseException, *, during_commit: bool = False) -> None:
+        """Act on an error raised by the caller's code while it held this
+        connection (possibly a driver error it wrapped): the same actions as
+        for an error the proxy saw itself, once."""
+        rec = self._rec
+        if rec is not None and not rec.bad and isinstance(exc, Exception):
+            self._pool._observe(rec, exc, during_commit=during_commit)
+
     def _raise_observed(self, exc: BaseException, *, during_commit: bool = False) -> Any:
         rec = self._rec
         if rec is not None:

@@ -273,7 +273,8 @@ def run(
                 state.stage = "commit"
                 conn.commit()
                 return result
-            except BaseException:
+            except BaseException as exc:
+                conn._notice(exc, during_commit=state.stage == "commit")
                 if state.stage != "commit" and not conn.closed:
                     with contextlib.suppress(Exception):
                         conn.rollback()
@@ -290,7 +291,8 @@ def transaction(pool: Pool, timeout: float | None = None) -> Iterator[Any]:
         pool._driver.begin(conn)  # type: ignore[union-attr]
         try:
             yield conn
-        except BaseException:
+        except BaseException as exc:
+            conn._notice(exc)
             with contextlib.suppress(Exception):
                 conn.rollback()
             raise

@@ -1,0 +1,175 @@
+"""The classifier: categories, the chain walk, the registry."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import sqlite3
+import time
+from typing import Any
+
+import fakedb
+import pytest
+
+from poolkit import AmbiguousCommitError, Category, Classification, PoolTimeout, classify
+from poolkit.drivers import Driver, register_driver
+
+
+def _chain(inner: BaseException, depth: int, via: str) -> BaseException:
+    """``inner`` wrapped ``depth`` levels deep in generic RuntimeErrors."""
+    exc = inner
+    for i in range(depth):
+        outer = RuntimeError(f"level {i}")
+        if via == "cause":
+            outer.__cause__ = exc
+        else:
+            outer.__context__ = exc
+        exc = outer
+    return exc
+
+
+@pytest.mark.parametrize("inner", [EOFError("eof"), ConnectionResetError("reset"), BrokenPipeError("pipe")])
+@pytest.mark.parametrize("depth", range(1, 11))
+@pytest.mark.parametrize("via", ["cause", "context"])
+def test_network_errors_anywhere_in_the_chain_are_bad_connection(inner: BaseException, depth: int, via: str) -> None:
+    c = classify(_chain(inner, depth, via))
+    assert c.category is Category.BAD_CONNECTION
+    assert c.source is inner
+    assert c.reason == ("eof" if isinstance(inner, EOFError) else "network")
+
+
+def test_chain_with_a_cycle_terminates() -> None:
+    a = RuntimeError("a")
+    b = ValueError("b")
+    eof = EOFError()
+    a.__context__ = b
+    b.__cause__ = a  # a cycle
+    b.__context__ = eof
+    assert classify(a).category is Category.BAD_CONNECTION
+    c = RuntimeError("c")
+    c.__cause__ = c
+    assert classify(c).category is Category.PERMANENT
+
+
+def test_exception_groups_are_walked() -> None:
+    group = ExceptionGroup("many", [ValueError("x"), ExceptionGroup("inner", [ConnectionResetError()])])
+    assert classify(group).category is Category.BAD_CONNECTION
+
+
+def test_most_cautious_finding_wins() -> None:
+    outer = fakedb.OperationalError("retry me", code=40001)  # RETRYABLE
+    outer.__context__ = EOFError()  # BAD_CONNECTION
+    assert classify(outer).category is Category.BAD_CONNECTION
+    amb = AmbiguousCommitError("x")
+    amb.__cause__ = outer
+    assert classify(amb).category is Category.AMBIGUOUS
+
+
+def test_unknown_errors_are_permanent() -> None:
+    assert classify(ValueError("what")).category is Category.PERMANENT
+    assert classify(KeyError("k")).reason == "unknown"
+
+
+def test_pool_errors_say_nothing_about_connections() -> None:
+    assert classify(PoolTimeout("no connection")).category is Category.PERMANENT
+
+
+def test_os_errors_by_errno() -> None:
+    assert classify(OSError(errno.ECONNRESET, "reset")).category is Category.BAD_CONNECTION
+    assert classify(socket.timeout("timed out")).category is Category.BAD_CONNECTION
+    assert classify(OSError(errno.ENOENT, "no file")).category is Category.PERMANENT
+
+
+def test_commit_failure_on_a_dead_connection_is_ambiguous() -> None:
+    c = classify(ConnectionResetError(), during_commit=True)
+    assert c.category is Category.AMBIGUOUS and c.reason == "network"
+    # a conflict at commit is still just a conflict
+    assert classify(fakedb.OperationalError("x", code=40001), during_commit=True).category is Category.RETRYABLE
+
+
+def test_broken_connection_makes_an_unknown_error_bad() -> None:
+    class Conn:
+        closed = True
+
+    assert classify(ValueError("odd"), connection=Conn()).category is Category.BAD_CONNECTION
+
+
+def test_sqlite_busy_and_closed() -> None:
+    a = sqlite3.connect(":memory:")
+    a.close()
+    with pytest.raises(sqlite3.ProgrammingError) as info:
+        a.execute("SELECT 1")
+    assert classify(info.value).category is Category.BAD_CONNECTION
+
+
+def test_generic_driver_messages() -> None:
+    class OperationalError(Exception):
+        pass
+
+    OperationalError.__module__ = "somedriver"
+    assert classify(OperationalError("SSL connection has been closed unexpectedly: lost connection")).category is (
+        Category.BAD_CONNECTION
+    )
+    assert classify(OperationalError("database is locked")).category is Category.RETRYABLE
+    assert classify(OperationalError("syntax error")).category is Category.PERMANENT
+
+
+def test_registry_lets_users_add_a_driver_and_override_a_rule() -> None:
+    class MyError(Exception):
+        pass
+
+    MyError.__module__ = "mydriver.errors"
+
+    class MyDriver(Driver):
+        name = "mydriver"
+
+        def classify_one(self, exc: BaseException) -> tuple[str, str] | None:
+            if "leader" in str(exc):
+                return ("NOT_LEADER", "not_leader")
+            return None
+
+    assert classify(MyError("not the leader")).category is Category.PERMANENT
+    register_driver("mydriver", MyDriver())
+    assert classify(MyError("not the leader")).category is Category.NOT_LEADER
+    with pytest.raises(TypeError):
+        register_driver("x", object())  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        register_driver("a.b", MyDriver())
+
+
+def test_pool_custom_classifier_comes_first(server: fakedb.Server) -> None:
+    from poolkit import Pool
+
+    def mine(exc: BaseException) -> Classification | None:
+        if isinstance(exc, KeyError):
+            return Classification(Category.RETRYABLE, "custom")
+        return None
+
+    pool = Pool(server.connect, classifier=mine)
+    try:
+        assert pool.classify(KeyError()).reason == "custom"
+        assert pool.classify(EOFError()).category is Category.BAD_CONNECTION  # falls back
+    finally:
+        pool.close()
+
+
+@pytest.mark.timing
+def test_classifying_100000_exceptions_takes_well_under_a_second() -> None:
+    import psycopg
+    import pymysql
+
+    samples: list[Any] = [
+        _chain(EOFError(), 3, "cause"),
+        pymysql.err.OperationalError(2013, "Lost connection"),
+        psycopg.errors.SerializationFailure("could not serialize"),
+        ValueError("x"),
+        sqlite3.OperationalError("database is locked"),
+    ]
+    for s in samples:
+        classify(s)  # warm the lazy driver imports
+    n = 100_000
+    t0 = time.monotonic()
+    for i in range(n):
+        classify(samples[i % len(samples)])
+    elapsed = time.monotonic() - t0
+    assert elapsed < 1.0, f"{n} classifications took {elapsed:.2f}s"

@@ -1,0 +1,553 @@
+"""Error classification and safe retries, proven on real driver errors.
+
+Every error here is provoked on the real server (PostgreSQL, MariaDB,
+SQLite), and each test checks the category, what the pool did with the
+connection, and what ``pool.run`` did with the work.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable
+
+import pytest
+
+from poolkit import AmbiguousCommitError, Category, Pool, Retry, classify
+
+pytestmark = pytest.mark.integration
+
+FAST = Retry(attempts=6, deadline=20, initial_backoff=0.01, max_backoff=0.1)
+
+
+def wait_until(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def is_closed(raw: Any) -> bool:
+    return bool(raw.closed) if hasattr(raw, "closed") else not raw.open  # PyMySQL says .open
+
+
+def count(backend: Any, table: str) -> int:
+    return int(backend.execute(f"SELECT count(*) FROM {table}")[0][0])
+
+
+def server_is_running(backend: Any, sid: int, fragment: str) -> bool:
+    """The server connection ``sid`` is executing a statement containing ``fragment``."""
+    if backend.name == "postgresql":
+        rows = backend.execute("SELECT query FROM pg_stat_activity WHERE pid = %s AND state = 'active'", (sid,))
+    else:
+        rows = backend.execute("SELECT info FROM information_schema.processlist WHERE id = %s", (sid,))
+    return bool(rows) and fragment.lower() in (rows[0][0] or "").lower()
+
+
+def sleep_sql(backend: Any, seconds: int) -> str:
+    return f"SELECT pg_sleep({seconds})" if backend.name == "postgresql" else f"SELECT SLEEP({seconds})"
+
+
+# --------------------------------------------------- connections killed
+
+
+def test_killed_while_idle_error_is_bad_connection_and_discarded(net_backend: Any) -> None:
+    # liveness and ping off: the error reaches the caller, and the pool acts on it
+    with Pool(net_backend.connect, max_size=1, liveness=False, ping=False) as pool:
+        with pool.connection() as conn:
+            victim = conn.driver_connection
+        net_backend.kill(victim)
+        with pytest.raises(Exception) as info:
+            with pool.connection() as conn:
+                conn.cursor().execute("SELECT 1")
+        c = classify(info.value)
+        assert c.category is Category.BAD_CONNECTION, (c, info.value)
+        assert pool.stats().closed_bad == 1
+        with pool.connection() as conn:
+            assert conn.driver_connection is not victim
+
+
+def test_killed_mid_query_is_bad_connection(net_backend: Any) -> None:
+    with Pool(net_backend.connect, max_size=1) as pool:
+        conn = pool.acquire()
+        sid = net_backend.server_id(conn.driver_connection)
+        errors: list[BaseException] = []
+
+        def run_query() -> None:
+            try:
+                conn.cursor().execute(sleep_sql(net_backend, 10))
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=run_query)
+        t.start()
+        wait_until(lambda: server_is_running(net_backend, sid, "leep"), what="the query to start")
+        net_backend.kill(conn.driver_connection, wait=False)
+        t.join(15)
+        conn.close()
+        assert errors, "the killed query did not fail"
+        assert classify(errors[0]).category is Category.BAD_CONNECTION, errors[0]
+        s = pool.stats()
+        assert s.closed_bad == 1 and s.open == 0
+
+
+def _kill_when_running(backend: Any, fragment: str, once: list[bool]) -> Callable[[Any], None]:
+    """A helper for ``fn``: on the first call only, kill this connection from
+    the server while it runs a statement containing ``fragment``."""
+
+    def arm(conn: Any) -> None:
+        if once:
+            return
+        once.append(True)
+        sid = backend.server_id(conn.driver_connection)
+        raw = conn.driver_connection
+
+        def killer() -> None:
+            wait_until(lambda: server_is_running(backend, sid, fragment), what="the statement to run")
+            backend.kill(raw, wait=False)
+
+        threading.Thread(target=killer, daemon=True).start()
+
+    return arm
+
+
+def test_non_idempotent_insert_killed_after_sending_is_attempted_at_most_once(net_backend: Any, table: str) -> None:
+    calls = 0
+    arm = _kill_when_running(net_backend, "leep", [])
+
+    def work(conn: Any) -> None:
+        nonlocal calls
+        calls += 1
+        cur = conn.cursor()
+        cur.execute(f"INSERT INTO {table} (id, v) VALUES (1, 'once')")
+        arm(conn)
+        cur.execute(sleep_sql(net_backend, 5))  # killed while it runs: the INSERT was sent
+
+    with Pool(net_backend.connect, max_size=2, retry=FAST) as pool:
+        with pytest.raises(Exception) as info:
+            pool.run(work)
+        assert classify(info.value).category is Category.BAD_CONNECTION
+        assert calls == 1
+        assert pool.stats().retries == 0
+    assert count(net_backend, table) <= 1  # at most one row (here: rolled back by the kill)
+
+
+def test_idempotent_work_killed_mid_way_is_retried_and_succeeds(net_backend: Any, table: str) -> None:
+    calls = 0
+    arm = _kill_when_running(net_backend, "leep", [])
+
+    def work(conn: Any) -> str:
+        nonlocal calls
+        calls += 1
+        cur = conn.cursor()
+        cur.execute(f"DELETE FROM {table} WHERE id = 1")
+        cur.execute(f"INSERT INTO {table} (id, v) VALUES (1, 'idem')")
+        arm(conn)
+        cur.execute(sleep_sql(net_backend, 1))
+        return "ok"
+
+    with Pool(net_backend.connect, max_size=2, retry=FAST) as pool:
+        assert pool.run(work, idempotent=True) == "ok"
+        assert calls == 2
+        assert pool.stats().retries == 1
+    assert count(net_backend, table) == 1
+
+
+def test_connection_killed_during_commit_is_ambiguous_and_not_retried(pg: Any, table: str) -> None:
+    """A deferred constraint trigger makes COMMIT itself slow, so the server
+    kill lands inside COMMIT: the client cannot know whether it applied."""
+    pg.execute(
+        "CREATE OR REPLACE FUNCTION poolkit_slow_commit() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$"
+    )
+    pg.execute(
+        f"CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON {table} "
+        "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION poolkit_slow_commit()"
+    )
+    calls = 0
+    once: list[bool] = []
+
+    def work(conn: Any) -> None:
+        nonlocal calls
+        calls += 1
+        conn.cursor().execute(f"INSERT INTO {table} (id, v) VALUES (1, 'commit')")
+        if not once:
+            once.append(True)
+            raw = conn.driver_connection
+            sid = pg.server_id(raw)
+
+            def killer() -> None:
+                wait_until(lambda: server_is_running(pg, sid, "COMMIT"), what="COMMIT to run")
+                pg.kill(raw, wait=False)
+
+            threading.Thread(target=killer, daemon=True).start()
+
+    with Pool(pg.connect, max_size=2, retry=FAST) as pool:
+        with pytest.raises(AmbiguousCommitError) as info:
+            pool.run(work)
+        assert classify(info.value.__cause__).category is Category.BAD_CONNECTION
+        assert calls == 1  # not retried: a blind retry could write twice
+        assert pool.stats().closed_bad == 1
+    assert count(pg, table) <= 1
+
+
+# ------------------------------------------- read-only: the failover symptom
+
+
+def _read_only_sql(backend: Any) -> str:
+    if backend.name == "postgresql":
+        return "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"
+    return "SET SESSION TRANSACTION READ ONLY"
+
+
+def test_read_only_node_is_not_leader_and_invalidates_the_pool(net_backend: Any, table: str) -> None:
+    """Connections pinned to a demoted primary: every one of them is
+    read-only. The first write fails with 25006 / 1792, the pool invalidates
+    itself, and pool.run's retry lands once on a fresh connection."""
+    pinned: list[Any] = []
+
+    def configure(raw: Any) -> None:
+        if len(pinned) < 3:  # the first three point at the "old primary"
+            cur = raw.cursor()
+            cur.execute(_read_only_sql(net_backend))
+            cur.close()
+            raw.commit()
+            pinned.append(raw)
+
+    with Pool(net_backend.connect, max_size=3, configure=configure, retry=FAST) as pool:
+        conns = [pool.acquire() for _ in range(3)]
+        for c in conns:
+            c.close()
+        assert pool.stats().idle == 3
+        calls = 0
+
+        def write(conn: Any) -> None:
+            nonlocal calls
+            calls += 1
+            conn.cursor().execute(f"INSERT INTO {table} (id, v) VALUES (1, 'after failover')")
+
+        with pool.connection() as conn:
+            with pytest.raises(Exception) as info:
+                conn.cursor().execute(f"INSERT INTO {table} (id, v) VALUES (0, 'x')")
+        c = classify(info.value)
+        assert c.category is Category.NOT_LEADER and c.reason == "read_only", info.value
+        s = pool.stats()
+        assert s.generation == 1  # invalidated
+        assert s.idle == 0 and all(is_closed(raw) for raw in pinned[1:])
+        pool.run(write)
+        assert calls == 1  # the fresh connection is writable at once
+    assert [tuple(r) for r in net_backend.execute(f"SELECT v FROM {table}")] == [("after failover",)]
+
+
+def test_run_retries_a_write_rejected_as_not_leader(net_backend: Any, table: str) -> None:
+    first: list[Any] = []
+
+    def configure(raw: Any) -> None:
+        if not first:
+            cur = raw.cursor()
+            cur.execute(_read_only_sql(net_backend))
+            cur.close()
+            raw.commit()
+            first.append(raw)
+
+    calls = 0
+
+    def write(conn: Any) -> None:
+        nonlocal calls
+        calls += 1
+        conn.cursor().execute(f"INSERT INTO {table} (id, v) VALUES (1, 'x')")
+
+    with Pool(net_backend.connect, max_size=2, configure=configure, retry=FAST) as pool:
+        pool.run(write)
+        assert calls == 2 and pool.stats().retries == 1 and pool.stats().generation == 1
+    assert count(net_backend, table) == 1  # rejected once, landed once
+
+
+def test_mariadb_global_read_only_is_not_leader(maria: Any, table: str) -> None:
+    """1290: the server runs with read_only, as a demoted primary does."""
+    import functools
+
+    import pymysql
+
+    from backends import MYSQL_ARGS
+
+    maria.execute("CREATE USER IF NOT EXISTS 'poolkit_app'@'%' IDENTIFIED BY 'pw'")
+    maria.execute("CREATE USER IF NOT EXISTS 'poolkit_app'@'localhost' IDENTIFIED BY 'pw'")
+    maria.execute("GRANT ALL ON test.* TO 'poolkit_app'@'%'")
+    maria.execute("GRANT ALL ON test.* TO 'poolkit_app'@'localhost'")
+    args = dict(MYSQL_ARGS, user="poolkit_app", password="pw")
+    connect = functools.partial(pymysql.connect, **args)
+    with Pool(connect, max_size=2, retry=Retry.off()) as pool:
+        with pool.connection():
+            pass
+        maria.execute("SET GLOBAL read_only = 1")
+        try:
+            with pytest.raises(pymysql.err.OperationalError) as info:
+                pool.run(lambda conn: conn.cursor().execute(f"INSERT INTO {table} (id, v) VALUES (1, 'x')"))
+        finally:
+            maria.execute("SET GLOBAL read_only = 0")
+        assert info.value.args[0] == 1290
+        c = classify(info.value)
+        assert c.category is Category.NOT_LEADER
+        assert pool.stats().generation == 1
+    assert count(maria, table) == 0
+
+
+# --------------------------------------------------- transient conflicts
+
+
+def test_postgresql_serialization_failure_is_retried(pg: Any, table: str) -> None:
+    pg.execute(f"INSERT INTO {table} (id, v) VALUES (1, '0')")
+    calls = 0
+    pids: list[int] = []
+
+    def bump(conn: Any) -> str:
+        nonlocal calls
+        calls += 1
+        pids.append(pg.server_id(conn.driver_connection))
+        cur = conn.cursor()
+        cur.execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+        cur.execute(f"SELECT v FROM {table} WHERE id = 1")
+        v = int(cur.fetchone()[0])
+        if calls == 1:  # a concurrent serializable transaction commits first
+            pg.execute(f"UPDATE {table} SET v = '100' WHERE id = 1")
+        cur.execute(f"UPDATE {table} SET v = %s WHERE id = 1", (str(v + 1),))
+        return str(v + 1)
+
+    with Pool(pg.connect, max_size=1, retry=FAST) as pool:
+        assert pool.run(bump) == "101"
+        assert calls == 2 and pool.stats().retries == 1
+        assert pids[0] == pids[1]  # RETRYABLE keeps the connection
+    assert pg.execute(f"SELECT v FROM {table}")[0][0] == "101"
+
+
+def test_postgresql_write_skew_between_two_serializable_transactions(pg: Any, table: str) -> None:
+    """The textbook case: two SERIALIZABLE transactions each read what the
+    other writes. One gets 40001; pool.run retries it and both land."""
+    import psycopg
+
+    other = psycopg.connect(pg.extra.get("dsn", None) or __import__("backends").PG_DSN)
+    try:
+        other.execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
+        other.execute(f"SELECT count(*) FROM {table}")
+        calls = 0
+
+        def add(conn: Any) -> None:
+            nonlocal calls
+            calls += 1
+            cur = conn.cursor()
+            cur.execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+            cur.execute(f"SELECT count(*) FROM {table}")
+            n = cur.fetchone()[0]
+            cur.execute(f"INSERT INTO {table} (id, v) VALUES (%s, 'a')", (100 + n + calls,))
+            if calls == 1:
+                other.execute(f"INSERT INTO {table} (id, v) VALUES (1, 'b')")
+                other.commit()
+
+        with Pool(pg.connect, max_size=1, retry=FAST) as pool:
+            pool.run(add)
+            assert calls == 2
+    finally:
+        other.close()
+    assert count(pg, table) == 2
+
+
+def test_postgresql_deadlock_is_retried(pg: Any, table: str) -> None:
+    import psycopg
+
+    from backends import PG_DSN
+
+    pg.execute(f"INSERT INTO {table} (id, v) VALUES (1, 'a'), (2, 'b')")
+    other = psycopg.connect(PG_DSN)
+    other.execute("SET deadlock_timeout = '20s'")  # so the pool's transaction is the victim
+    other.commit()
+    b_has_2 = threading.Event()
+    a_has_1 = threading.Event()
+    other_errors: list[BaseException] = []
+
+    def other_txn() -> None:
+        try:
+            other.execute(f"UPDATE {table} SET v = 'other' WHERE id = 2")
+            b_has_2.set()
+            a_has_1.wait(10)
+            other.execute(f"UPDATE {table} SET v = 'other' WHERE id = 1")
+            other.commit()
+        except BaseException as exc:
+            other_errors.append(exc)
+
+    calls = 0
+
+    def work(conn: Any) -> None:
+        nonlocal calls
+        calls += 1
+        cur = conn.cursor()
+        cur.execute(f"UPDATE {table} SET v = 'pool' WHERE id = 1")
+        if calls == 1:
+            a_has_1.set()
+            b_has_2.wait(10)
+            time.sleep(0.1)  # let the other transaction queue on row 1 (not synchronisation: the deadlock is)
+        cur.execute(f"UPDATE {table} SET v = 'pool' WHERE id = 2")
+
+    t = threading.Thread(target=other_txn)
+    t.start()
+    try:
+        with Pool(pg.connect, max_size=1, retry=FAST) as pool:
+            pool.run(work)
+            assert calls == 2 and pool.stats().retries == 1
+    finally:
+        t.join(15)
+        other.close()
+    assert not other_errors
+    assert sorted(r[0] for r in pg.execute(f"SELECT v FROM {table}")) == ["pool", "pool"]
+
+
+def test_mariadb_deadlock_is_retried(maria: Any, table: str) -> None:
+    import pymysql
+
+    from backends import MYSQL_ARGS
+
+    maria.execute(f"INSERT INTO {table} (id, v) VALUES (1, 'a'), (2, 'b'), (3, 'c'), (4, 'd')")
+    other = pymysql.connect(**MYSQL_ARGS)
+    b_has_rows = threading.Event()
+    a_has_1 = threading.Event()
+    other_errors: list[BaseException] = []
+
+    def other_txn() -> None:
+        try:
+            with other.cursor() as cur:
+                # a heavier transaction (more rows changed): whichever of the two
+                # closes the cycle, InnoDB rolls back the lighter one, the pool's
+                for row in (2, 3, 4):  # one by one: a tiny table's IN-list update scans (and locks) every row
+                    cur.execute(f"UPDATE {table} SET v = 'other' WHERE id = {row}")
+                b_has_rows.set()
+                a_has_1.wait(10)
+                cur.execute(f"UPDATE {table} SET v = 'other' WHERE id = 1")
+            other.commit()
+        except BaseException as exc:
+            other_errors.append(exc)
+
+    calls = 0
+    seen: list[BaseException] = []
+
+    def work(conn: Any) -> None:
+        nonlocal calls
+        calls += 1
+        cur = conn.cursor()
+        cur.execute(f"UPDATE {table} SET v = 'pool' WHERE id = 1")
+        if calls == 1:
+            a_has_1.set()
+        try:
+            cur.execute(f"UPDATE {table} SET v = 'pool' WHERE id = 2")  # closes the cycle
+        except Exception as exc:
+            seen.append(exc)
+            raise
+
+    t = threading.Thread(target=other_txn)
+    t.start()
+    assert b_has_rows.wait(10)
+    try:
+        with Pool(maria.connect, max_size=1, retry=FAST) as pool:
+            pool.run(work)
+    finally:
+        t.join(15)
+        other.close()
+    assert not other_errors
+    assert seen and seen[0].args[0] == 1213
+    assert classify(seen[0]).reason == "deadlock"
+    assert calls == 2
+
+
+def test_mariadb_lock_wait_timeout_is_retried(maria: Any, table: str) -> None:
+    import pymysql
+
+    from backends import MYSQL_ARGS
+
+    maria.execute(f"INSERT INTO {table} (id, v) VALUES (1, 'a')")
+    holder = pymysql.connect(**MYSQL_ARGS)
+    with holder.cursor() as cur:
+        cur.execute(f"SELECT * FROM {table} WHERE id = 1 FOR UPDATE")
+    seen: list[BaseException] = []
+    calls = 0
+
+    def work(conn: Any) -> None:
+        nonlocal calls
+        calls += 1
+        cur = conn.cursor()
+        cur.execute("SET SESSION innodb_lock_wait_timeout = 1")
+        try:
+            cur.execute(f"UPDATE {table} SET v = 'b' WHERE id = 1")
+        except Exception as exc:
+            seen.append(exc)
+            holder.rollback()  # the lock holder goes away; the retry gets through
+            raise
+
+    try:
+        with Pool(maria.connect, max_size=1, retry=FAST) as pool:
+            pool.run(work)
+    finally:
+        holder.close()
+    assert seen[0].args[0] == 1205
+    assert classify(seen[0]).category is Category.RETRYABLE
+    assert classify(seen[0]).reason == "lock_timeout"
+    assert calls == 2
+
+
+def test_sqlite_database_is_locked_is_retried(sqlite_backend: Any, table: str) -> None:
+    import sqlite3
+
+    blocker = sqlite3.connect(sqlite_backend.connect.args[0], isolation_level=None, check_same_thread=False)
+    blocker.execute("BEGIN EXCLUSIVE")
+    seen: list[BaseException] = []
+    calls = 0
+
+    def work(conn: Any) -> None:
+        nonlocal calls
+        calls += 1
+        try:
+            conn.cursor().execute(f"INSERT INTO {table} (id, v) VALUES (1, 'x')")
+        except Exception as exc:
+            seen.append(exc)
+            blocker.execute("COMMIT")
+            raise
+
+    with Pool(sqlite_backend.connect, max_size=1, retry=FAST) as pool:
+        pool.run(work)
+    blocker.close()
+    assert "database is locked" in str(seen[0])
+    assert classify(seen[0]).category is Category.RETRYABLE
+    assert calls == 2
+    assert count(sqlite_backend, table) == 1
+
+
+# ------------------------------------------------------ the request's fault
+
+
+def test_integrity_and_syntax_errors_are_permanent_and_keep_the_connection(backend: Any, table: str) -> None:
+    with Pool(backend.connect, max_size=1, retry=FAST) as pool:
+        with pool.connection() as conn:
+            first = conn.driver_connection
+            sid = backend.server_id(first) if backend.name != "sqlite" else None
+        calls = 0
+
+        def dup(conn: Any) -> None:
+            nonlocal calls
+            calls += 1
+            cur = conn.cursor()
+            cur.execute(f"INSERT INTO {table} (id, v) VALUES (1, 'a')")
+            cur.execute(f"INSERT INTO {table} (id, v) VALUES (1, 'b')")
+
+        with pytest.raises(Exception) as info:
+            pool.run(dup, idempotent=True)
+        c = classify(info.value)
+        assert c.category is Category.PERMANENT and c.reason == "integrity", info.value
+        assert calls == 1
+        with pytest.raises(Exception) as info:
+            pool.run(lambda conn: conn.cursor().execute("SELEC nonsense"), idempotent=True)
+        assert classify(info.value).category is Category.PERMANENT
+        with pool.connection() as conn:
+            assert conn.driver_connection is first  # kept
+            if sid is not None:
+                assert backend.server_id(conn.driver_connection) == sid
+        assert pool.stats().closed == 0
+    assert count(backend, table) == 0

@@ -1,0 +1,284 @@
+"""pool.run and pool.transaction on the fake driver: what is retried, what is not."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import fakedb
+import pytest
+
+from poolkit import AmbiguousCommitError, PoolTimeout, Retry
+
+FAST = Retry(attempts=5, deadline=5, initial_backoff=0.001, max_backoff=0.005)
+
+
+def insert(conn: Any, sql: str = "INSERT x") -> str:
+    conn.cursor().execute(sql)
+    return "done"
+
+
+class Script:
+    """Raises the given errors on successive calls, then succeeds."""
+
+    def __init__(self, *errors: BaseException | None) -> None:
+        self.errors = list(errors)
+        self.calls = 0
+        self.conns: list[Any] = []
+
+    def __call__(self, conn: Any) -> str:
+        self.calls += 1
+        self.conns.append(conn.driver_connection)
+        conn.cursor().execute("INSERT x")
+        if self.errors:
+            err = self.errors.pop(0)
+            if err is not None:
+                if getattr(err, "_kill", False):
+                    conn.driver_connection.kill()
+                raise err
+        return "ok"
+
+
+def dead(msg: str = "lost connection") -> fakedb.OperationalError:
+    err = fakedb.OperationalError(msg, code=2013)
+    err._kill = True  # type: ignore[attr-defined]
+    return err
+
+
+def test_success_commits_and_returns_the_result(make_pool: Any, server: fakedb.Server) -> None:
+    pool = make_pool(retry=FAST)
+    assert pool.run(insert) == "done"
+    assert server.committed == ["INSERT x"]
+    assert pool.stats().retries == 0
+
+
+def test_error_rolls_back_and_raises(make_pool: Any, server: fakedb.Server) -> None:
+    pool = make_pool(retry=FAST)
+
+    def bad(conn: Any) -> None:
+        conn.cursor().execute("INSERT x")
+        raise ValueError("app bug")
+
+    with pytest.raises(ValueError, match="app bug"):
+        pool.run(bad)
+    assert server.committed == []
+    assert pool.stats().in_use == 0
+
+
+def test_retryable_runs_the_whole_function_again(make_pool: Any, server: fakedb.Server, caplog: Any) -> None:
+    pool = make_pool(retry=FAST, name="r")
+    fn = Script(fakedb.OperationalError("could not serialize", code=40001), None)
+    with caplog.at_level(logging.WARNING, logger="poolkit.retry"):
+        assert pool.run(fn) == "ok"
+    assert fn.calls == 2
+    assert server.committed == ["INSERT x"]  # once: the first attempt was rolled back
+    assert pool.stats().retries == 1
+    assert "RETRYABLE" in caplog.text and "serialization" in caplog.text and "'r'" in caplog.text
+    assert fn.conns[0] is fn.conns[1]  # a conflict doesn't cost the connection
+
+
+def test_not_leader_invalidates_the_pool_and_is_retried(make_pool: Any, server: fakedb.Server) -> None:
+    pool = make_pool(retry=FAST, max_size=3)
+    others = [pool.acquire() for _ in range(2)]
+    for c in others:
+        c.close()
+    fn = Script(fakedb.OperationalError("cannot execute INSERT in a read-only transaction", code=25006), None)
+    assert pool.run(fn) == "ok"
+    assert fn.calls == 2
+    assert fn.conns[0] is not fn.conns[1]
+    assert all(c.closed for c in fn.conns[:1])
+    s = pool.stats()
+    assert s.generation == 1 and s.closed_invalidated >= 1
+    assert server.committed == ["INSERT x"]
+
+
+def test_bad_connection_after_the_work_was_sent_is_not_retried(make_pool: Any, server: fakedb.Server) -> None:
+    pool = make_pool(retry=FAST)
+    fn = Script(dead(), None)
+    with pytest.raises(fakedb.OperationalError, match="lost connection"):
+        pool.run(fn)
+    assert fn.calls == 1  # attempted at most once
+    assert pool.stats().closed_bad == 1
+
+
+def test_bad_connection_is_retried_when_idempotent(make_pool: Any, server: fakedb.Server) -> None:
+    pool = make_pool(retry=FAST)
+    fn = Script(dead(), None)
+    assert pool.run(fn, idempotent=True) == "ok"
+    assert fn.calls == 2
+    assert fn.conns[0].closed and fn.conns[0] is not fn.conns[1]
+
+
+def test_connection_lost_at_commit_is_ambiguous_and_not_retried(make_pool: Any, server: fakedb.Server) -> None:
+    pool = make_pool(retry=FAST)
+    server.commit_error = ConnectionResetError("reset during COMMIT")
+    fn = Script()
+    with pytest.raises(AmbiguousCommitError, match="unknown") as info:
+        pool.run(fn)
+    assert isinstance(info.value.__cause__, ConnectionResetError)
+    assert fn.calls == 1
+    assert pool.stats().closed_bad == 1
+
+
+def test_ambiguous_commit_is_retried_when_idempotent(make_pool: Any, server: fakedb.Server) -> None:
+    pool = make_pool(retry=FAST)
+    server.commit_error = ConnectionResetError("reset during COMMIT")
+    fn = Script()
+    assert pool.run(fn, idempotent=True) == "ok"
+    assert fn.calls == 2
+
+
+def test_permanent_is_never_retried(make_pool: Any) -> None:
+    pool = make_pool(retry=FAST)
+    fn = Script(fakedb.IntegrityError("duplicate key"), None)
+    with pytest.raises(fakedb.IntegrityError):
+        pool.run(fn, idempotent=True)
+    assert fn.calls == 1
+
+
+def test_retries_run_out_and_the_last_driver_error_is_raised_unchanged(make_pool: Any) -> None:
+    pool = make_pool(retry=Retry(attempts=3, deadline=5, initial_backoff=0.001, max_backoff=0.001))
+    errors = [fakedb.OperationalError(f"conflict {i}", code=40001) for i in range(5)]
+    fn = Script(*errors)
+    with pytest.raises(fakedb.OperationalError) as info:
+        pool.run(fn)
+    assert info.value is errors[2]
+    assert fn.calls == 3
+    assert pool.stats().retries == 2
+
+
+def test_deadline_bounds_the_retries(make_pool: Any) -> None:
+    import time
+
+    pool = make_pool(retry=Retry(attempts=1000, deadline=0.3, initial_backoff=0.05, max_backoff=0.05))
+    fn = Script(*[fakedb.OperationalError("conflict", code=40001)] * 1000)
+    t0 = time.monotonic()
+    with pytest.raises(fakedb.OperationalError):
+        pool.run(fn)
+    assert time.monotonic() - t0 < 0.3 + 0.2
+    assert 2 <= fn.calls < 50
+
+
+def test_last_attempt_uses_a_freshly_opened_connection(make_pool: Any, server: fakedb.Server) -> None:
+    pool = make_pool(retry=Retry(attempts=3, deadline=5, initial_backoff=0.001, max_backoff=0.001), max_size=1)
+    fn = Script(fakedb.OperationalError("c", code=40001), fakedb.OperationalError("c", code=40001), None)
+    assert pool.run(fn) == "ok"
+    assert fn.conns[0] is fn.conns[1]  # a conflict keeps the connection...
+    assert fn.conns[2] is not fn.conns[1]  # ...but the last attempt trusts no pooled one
+    assert fn.conns[1].closed
+    assert pool.stats().open == 1
+
+
+@pytest.mark.parametrize("how", ["call", "pool", "env"])
+def test_retries_can_be_turned_off(make_pool: Any, monkeypatch: Any, how: str) -> None:
+    if how == "env":
+        monkeypatch.setenv("POOLKIT_RETRY", "off")
+    pool = make_pool(retry=False if how == "pool" else FAST)
+    fn = Script(fakedb.OperationalError("c", code=40001), None)
+    with pytest.raises(fakedb.OperationalError):
+        pool.run(fn, retry=False if how == "call" else None)
+    assert fn.calls == 1
+
+
+def test_pool_timeout_is_not_retried(make_pool: Any) -> None:
+    pool = make_pool(retry=FAST, max_size=1)
+    held = pool.acquire()
+    calls = []
+    with pytest.raises(PoolTimeout):
+        pool.run(lambda c: calls.append(1), timeout=0.05)
+    assert not calls
+    held.close()
+
+
+def test_run_sends_nothing_before_the_function(make_pool: Any, server: fakedb.Server) -> None:
+    pool = make_pool(retry=FAST)
+    seen: list[Any] = []
+
+    def fn(conn: Any) -> None:
+        seen.append(list(conn.driver_connection.pending))
+        conn.cursor().execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+
+    pool.run(fn)
+    assert seen == [[]]
+
+
+def test_run_opens_a_transaction_on_an_autocommit_connection(make_pool: Any, server: fakedb.Server) -> None:
+    pool = make_pool(retry=FAST, configure=lambda raw: setattr(raw, "autocommit", True))
+
+    def fn(conn: Any) -> None:
+        conn.cursor().execute("INSERT a")
+        raise ValueError("undo")
+
+    with pytest.raises(ValueError):
+        pool.run(fn)
+    # the generic begin() sent BEGIN, so the INSERT was not autocommitted... on the fake,
+    # BEGIN is just another statement; what matters is that it was sent first
+    assert server.committed[:1] == ["BEGIN"]
+
+
+def test_transaction_commits_or_rolls_back(make_pool: Any, server: fakedb.Server) -> None:
+    pool = make_pool()
+    with pool.transaction() as conn:
+        conn.cursor().execute("INSERT ok")
+    assert server.committed == ["INSERT ok"]
+    with pytest.raises(ValueError):
+        with pool.transaction() as conn:
+            conn.cursor().execute("INSERT no")
+            raise ValueError
+    assert server.committed == ["INSERT ok"]
+
+
+def test_transaction_commit_lost_is_ambiguous(make_pool: Any, server: fakedb.Server) -> None:
+    pool = make_pool()
+    server.commit_error = BrokenPipeError("pipe")
+    with pytest.raises(AmbiguousCommitError):
+        with pool.transaction() as conn:
+            conn.cursor().execute("INSERT x")
+    assert pool.stats().closed_bad == 1
+
+
+def test_request_id_makes_a_retry_after_an_ambiguous_commit_safe(make_pool: Any, server: fakedb.Server) -> None:
+    """The fake can't store a ledger; the real-server tests check the rows.
+    Here: an AMBIGUOUS outcome with a request id is retried, not raised."""
+    pool = make_pool(retry=FAST)
+    ledger_sql: list[str] = []
+
+    class FakeLedger:
+        rows: set[str] = set()
+
+        def committed(self, conn: Any, rid: str) -> bool:
+            ledger_sql.append("lookup")
+            return rid in self.rows
+
+        def record(self, conn: Any, rid: str) -> None:
+            ledger_sql.append("record")
+
+    pool.ledger = FakeLedger()
+    server.commit_error = ConnectionResetError("reset during COMMIT")
+    fn = Script()
+    assert pool.run(fn, request_id="r1") == "ok"
+    assert fn.calls == 2
+    assert ledger_sql == ["lookup", "record", "lookup", "record"]
+    # and when the lookup finds it: not run again
+    FakeLedger.rows.add("r2")
+    fn2 = Script()
+    assert pool.run(fn2, request_id="r2") is None
+    assert fn2.calls == 0
+
+
+def test_bad_request_ids_are_refused(make_pool: Any) -> None:
+    pool = make_pool()
+    with pytest.raises(ValueError, match="request_id"):
+        pool.run(insert, request_id="")
+    with pytest.raises(ValueError, match="request_id"):
+        pool.run(insert, request_id="x" * 201)
+    with pytest.raises(TypeError, match="fn must be a callable"):
+        pool.run("INSERT")  # type: ignore[arg-type]
+
+
+def test_retry_policy_validation() -> None:
+    with pytest.raises(ValueError, match="attempts"):
+        Retry(attempts=0)
+    with pytest.raises(ValueError, match="deadline"):
+        Retry(deadline=-1)
+    assert not Retry.off().enabled and Retry.default().enabled
