@@ -1,11 +1,11 @@
 """poolkit: a connection pool for DB-API drivers in the style of Go's database/sql.
 
-    import functools, psycopg, poolkit
+import functools, psycopg, poolkit
 
-    pool = poolkit.Pool(functools.partial(psycopg.connect, "dbname=test"), max_size=10)
-    with pool.connection() as conn:
-        conn.execute("SELECT 1")
-    pool.run(lambda conn: conn.execute("INSERT ..."), request_id="order-42")
+pool = poolkit.Pool(functools.partial(psycopg.connect, "dbname=test"), max_size=10)
+with pool.connection() as conn:
+    conn.execute("SELECT 1")
+pool.run(lambda conn: conn.execute("INSERT ..."), request_id="order-42")
 """
 
 from poolkit.classify import Category, Classification, classify
@@ -25,6 +25,7 @@ from poolkit.stats import PoolStats
 __version__ = "0.1.0"
 
 __all__ = [
+    "RETRY_ENV",
     "AmbiguousCommitError",
     "Category",
     "Classification",
@@ -37,7 +38,6 @@ __all__ = [
     "PoolTimeout",
     "PooledConnection",
     "PooledCursor",
-    "RETRY_ENV",
     "Retry",
     "TooManyWaiters",
     "classify",

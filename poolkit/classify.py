@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import builtins
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from poolkit.drivers import Driver, driver_for_module
 from poolkit.errors import AmbiguousCommitError, PoolError
 
-__all__ = ["Category", "Classification", "classify", "Classifier"]
+__all__ = ["Category", "Classification", "Classifier", "classify"]
 
 
 class Category(enum.Enum):

@@ -8,12 +8,12 @@ reported as :class:`AmbiguousCommitError` raised *from* the driver's error.
 from __future__ import annotations
 
 __all__ = [
+    "AmbiguousCommitError",
+    "ConnectionReturned",
+    "PoolClosed",
     "PoolError",
     "PoolTimeout",
-    "PoolClosed",
     "TooManyWaiters",
-    "ConnectionReturned",
-    "AmbiguousCommitError",
 ]
 
 

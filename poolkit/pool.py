@@ -19,7 +19,8 @@ import time
 import traceback
 import weakref
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from poolkit.classify import Category, Classification, classify
 from poolkit.drivers import BROKEN, IN_TRANSACTION, UNKNOWN, Driver, driver_for_connection
@@ -66,19 +67,19 @@ class _Conn:
     """One driver connection and what the pool knows about it."""
 
     __slots__ = (
-        "raw",
-        "id",
-        "generation",
-        "epoch",
-        "created_at",
-        "expires_at",
-        "last_used",
-        "used",
         "bad",
-        "poller",
         "checked_out_at",
-        "stack",
+        "created_at",
+        "epoch",
+        "expires_at",
+        "generation",
+        "id",
+        "last_used",
         "leak_logged",
+        "poller",
+        "raw",
+        "stack",
+        "used",
     )
 
     def __init__(self, raw: Any, cid: int, generation: int, epoch: int, now: float, expires_at: float) -> None:
@@ -102,7 +103,7 @@ class _Waiter:
     serves the waiter: with a connection (``rec``), with the right to open
     one (``grant``), or with an error."""
 
-    __slots__ = ("lock", "rec", "grant", "error")
+    __slots__ = ("error", "grant", "lock", "rec")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -128,7 +129,8 @@ def _check_number(
         kind = "an int" if integer else "a number"
         none = " or None" if allow_none else ""
         raise TypeError(f"{name} must be {kind}{none}, not {type(value).__name__}")
-    if value != value or (value <= minimum if exclusive else value < minimum):
+    number = float(value)  # type: ignore[arg-type]
+    if number != number or (number <= minimum if exclusive else number < minimum):
         op = ">" if exclusive else ">="
         raise ValueError(f"{name} must be {op} {minimum}, got {value!r}")
 
@@ -281,9 +283,7 @@ class Pool:
         self._timeouts = 0
         self._created = 0
         self._closed_total = 0
-        self._closed_by: dict[str, int] = dict.fromkeys(
-            ("bad", "expired", "idle", "invalidated", "invalid"), 0
-        )
+        self._closed_by: dict[str, int] = dict.fromkeys(("bad", "expired", "idle", "invalidated", "invalid"), 0)
         self._pings = 0
         self._ping_failures = 0
         self._retries = 0
@@ -421,9 +421,7 @@ class Pool:
                 if give_up:
                     if not retry:
                         raise
-                    raise PoolTimeout(
-                        f"pool {self.name!r}: could not connect within the timeout: {exc}"
-                    ) from exc
+                    raise PoolTimeout(f"pool {self.name!r}: could not connect within the timeout: {exc}") from exc
                 self._stop.wait(delay)
         now = self._clock()
         lifetime = self._max_lifetime * (1.0 - self._lifetime_jitter * self._random.random())
@@ -517,7 +515,7 @@ class Pool:
         try:
             if self._ping_hook is True:
                 self._driver.ping(rec.raw, self._ping_timeout)  # type: ignore[union-attr]
-            elif self._ping_hook(rec.raw) is False:  # type: ignore[operator]
+            elif callable(self._ping_hook) and self._ping_hook(rec.raw) is False:
                 ok = False
         except Exception as exc:
             logger.warning("pool %r: ping failed on connection %d: %r", self.name, rec.id, exc)
@@ -540,7 +538,7 @@ class Pool:
         if reason is None:
             try:
                 state = self._driver.transaction_state(raw)  # type: ignore[union-attr]
-                if state == IN_TRANSACTION or state == UNKNOWN:
+                if state in (IN_TRANSACTION, UNKNOWN):
                     raw.rollback()
                 elif state == BROKEN:
                     reason = "bad"
@@ -940,7 +938,7 @@ class PooledConnection:
     """What ``pool.acquire()`` hands out: the DB-API connection's methods,
     with the driver's errors watched and acted on. ``close()`` returns it."""
 
-    __slots__ = ("_pool", "_rec", "__weakref__")
+    __slots__ = ("__weakref__", "_pool", "_rec")
 
     def __init__(self, pool: Pool, rec: _Conn) -> None:
         self._pool = pool
@@ -1045,7 +1043,7 @@ class PooledConnection:
 class PooledCursor:
     """A driver cursor whose errors the pool watches."""
 
-    __slots__ = ("_cursor", "_conn")
+    __slots__ = ("_conn", "_cursor")
 
     def __init__(self, cursor: Any, conn: PooledConnection) -> None:
         object.__setattr__(self, "_cursor", cursor)
@@ -1058,7 +1056,8 @@ class PooledCursor:
 
     @property
     def connection(self) -> PooledConnection:
-        return self._conn
+        conn: PooledConnection = self._conn
+        return conn
 
     def execute(self, *args: Any, **kwargs: Any) -> PooledCursor:
         cur = self._cur()

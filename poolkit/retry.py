@@ -27,8 +27,9 @@ import contextlib
 import logging
 import os
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import tenacity
 
@@ -38,7 +39,7 @@ from poolkit.errors import AmbiguousCommitError, PoolError
 if TYPE_CHECKING:
     from poolkit.pool import Pool, PooledConnection
 
-__all__ = ["Retry", "Ledger", "RETRY_ENV"]
+__all__ = ["RETRY_ENV", "Ledger", "Retry"]
 
 logger = logging.getLogger("poolkit.retry")
 
@@ -180,7 +181,7 @@ class Ledger:
 class _Attempt:
     """What one attempt got to before it failed."""
 
-    __slots__ = ("stage", "bad_connections")
+    __slots__ = ("bad_connections", "stage")
 
     def __init__(self) -> None:
         self.stage = "checkout"  # checkout -> begin -> work -> commit

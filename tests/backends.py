@@ -9,8 +9,9 @@ import os
 import sqlite3
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 PG_DSN = os.environ.get("POOLKIT_PG_DSN", "host=127.0.0.1 port=5432 dbname=test user=postgres")
 MYSQL_ARGS: dict[str, Any] = {
@@ -50,9 +51,8 @@ class Backend:
             rows = self.admin.execute("SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s)", (ids,)).fetchall()
         else:
             with self.admin.cursor() as cur:
-                cur.execute(
-                    "SELECT id FROM information_schema.processlist WHERE id IN (%s)" % ",".join(map(str, ids))
-                )
+                marks = ",".join(["%s"] * len(ids))
+                cur.execute(f"SELECT id FROM information_schema.processlist WHERE id IN ({marks})", ids)
                 rows = cur.fetchall()
         return {int(r[0]) for r in rows}
 

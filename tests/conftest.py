@@ -9,9 +9,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import fakedb  # noqa: E402
+import fakedb
 
-from poolkit import Pool  # noqa: E402
+from poolkit import Pool
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -269,7 +270,6 @@ def test_mariadb_global_read_only_is_not_leader(maria: Any, table: str) -> None:
     import functools
 
     import pymysql
-
     from backends import MYSQL_ARGS
 
     maria.execute("CREATE USER IF NOT EXISTS 'poolkit_app'@'%' IDENTIFIED BY 'pw'")
@@ -355,7 +355,6 @@ def test_postgresql_write_skew_between_two_serializable_transactions(pg: Any, ta
 
 def test_postgresql_deadlock_is_retried(pg: Any, table: str) -> None:
     import psycopg
-
     from backends import PG_DSN
 
     pg.execute(f"INSERT INTO {table} (id, v) VALUES (1, 'a'), (2, 'b')")
@@ -404,7 +403,6 @@ def test_postgresql_deadlock_is_retried(pg: Any, table: str) -> None:
 
 def test_mariadb_deadlock_is_retried(maria: Any, table: str) -> None:
     import pymysql
-
     from backends import MYSQL_ARGS
 
     maria.execute(f"INSERT INTO {table} (id, v) VALUES (1, 'a'), (2, 'b'), (3, 'c'), (4, 'd')")
@@ -460,7 +458,6 @@ def test_mariadb_deadlock_is_retried(maria: Any, table: str) -> None:
 
 def test_mariadb_lock_wait_timeout_is_retried(maria: Any, table: str) -> None:
     import pymysql
-
     from backends import MYSQL_ARGS
 
     maria.execute(f"INSERT INTO {table} (id, v) VALUES (1, 'a')")

@@ -26,14 +26,14 @@ from poolkit.drivers._base import (
 )
 
 __all__ = [
-    "Driver",
+    "BROKEN",
     "IDLE",
     "IN_TRANSACTION",
     "UNKNOWN",
-    "BROKEN",
-    "register_driver",
+    "Driver",
     "driver_for_connection",
     "driver_for_module",
+    "register_driver",
 ]
 
 # top-level package of the driver -> module of poolkit that supports it

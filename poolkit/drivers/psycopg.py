@@ -81,9 +81,7 @@ class PsycopgDriver(Driver):
     def reset_session(self, conn: Any) -> None:
         res = conn.pgconn.exec_(RESET_SQL)
         if res.status not in _OK_RESULTS:
-            raise psycopg.OperationalError(
-                "reset_session failed: " + res.error_message.decode(errors="replace")
-            )
+            raise psycopg.OperationalError("reset_session failed: " + res.error_message.decode(errors="replace"))
 
     def begin(self, conn: Any) -> None:
         if conn.autocommit:
