@@ -1,0 +1,1 @@
+"""The benchmark runner: poolkit against the pools people use. ``python -m benchmarks --help``."""

@@ -1,0 +1,121 @@
+"""python -m benchmarks [--backend sqlite|postgresql|mariadb|dqlite] [--scenario ...] [--quick]"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+from benchmarks import peers as peers_mod
+from benchmarks import report
+from benchmarks.backends import open_backend
+from benchmarks.scenarios import SCENARIOS, Settings
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="poolkit against SQLAlchemy's QueuePool, psycopg_pool and DBUtils, on real databases.",
+    )
+    ap.add_argument("--backend", default="sqlite", choices=["sqlite", "postgresql", "mariadb", "dqlite"])
+    ap.add_argument("--dsn", default=None, help="connection string (PostgreSQL), 'host=.. user=..' (MariaDB), "
+                    "or a file path (SQLite); defaults to this machine's servers")
+    ap.add_argument("--scenario", action="append", choices=[*SCENARIOS, "all"],
+                    help="one or several (repeat the option); default: all")
+    ap.add_argument("--pools", default=",".join(peers_mod.ALL),
+                    help=f"comma-separated, from: {', '.join(peers_mod.ALL)}")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: under a minute on SQLite")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds per scenario")
+    ap.add_argument("--duration", type=float, default=None, help="seconds per contention burst")
+    ap.add_argument("--out", default="results", help="folder for the JSON results and the charts")
+    args = ap.parse_args(argv)
+    if args.rounds is not None and args.rounds < 1:
+        ap.error("--rounds must be at least 1")
+    if args.duration is not None and args.duration <= 0:
+        ap.error("--duration must be positive")
+    return args
+
+
+class Progress:
+    """One line, redrawn: a bar, the share done and what runs now."""
+
+    def __init__(self, total: int) -> None:
+        self.total = max(1, total)
+        self.done = 0
+        self.tty = sys.stderr.isatty()
+        self.start = time.monotonic()
+
+    def __call__(self, what: str) -> None:
+        self.done = min(self.total, self.done + 1)
+        frac = self.done / self.total
+        bar = "#" * int(frac * 30)
+        line = f"[{bar:<30}] {frac:4.0%} {time.monotonic() - self.start:5.1f}s {what}"
+        if self.tty:
+            sys.stderr.write("\r" + line[:120].ljust(120))
+            if self.done == self.total:
+                sys.stderr.write("\n")
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    scenarios = list(SCENARIOS) if not args.scenario or "all" in args.scenario else list(dict.fromkeys(args.scenario))
+    wanted = [p.strip() for p in args.pools.split(",") if p.strip()]
+    unknown = [p for p in wanted if p not in peers_mod.CLASSES]
+    if unknown:
+        print(f"benchmarks: unknown pool(s) {', '.join(unknown)}; choose from {', '.join(peers_mod.ALL)}",
+              file=sys.stderr)
+        return 2
+    backend = open_backend(args.backend, args.dsn)
+    skipped: dict[str, str] = {}
+    names = []
+    for p in wanted:
+        why = peers_mod.available(p, backend.name)
+        if why:
+            skipped[p] = why
+        else:
+            names.append(p)
+    q = args.quick
+    rounds = args.rounds or (5 if q else 15)
+    settings = Settings(
+        rounds=rounds,
+        burst=500 if q else 2000,
+        contention_seconds=args.duration or (0.25 if q else 1.0),
+        contention_rounds=max(1, rounds // 3) if args.rounds else (2 if q else 5),
+        failover_seconds=2.0 if q else 5.0,
+        spike_rounds=1 if q else 3,
+    )
+    steps = {
+        "checkout": settings.rounds, "query": settings.rounds, "contention": settings.contention_rounds,
+        "liveness": 1 + (len(names) if backend.kills else 0), "failover": len(names) if backend.kills else 0,
+        "spike": settings.spike_rounds,
+    }
+    settings.progress = Progress(sum(steps[s] for s in scenarios))
+    results: dict[str, Any] = {
+        "env": report.environment(backend),
+        "mode": ("quick" if q else "full") + f", {rounds} rounds, pools: {', '.join(names)}",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "scenarios": {},
+        "skipped": skipped,
+    }
+    try:
+        for name in scenarios:
+            results["scenarios"][name] = SCENARIOS[name](names, backend, settings)
+    finally:
+        backend.close()
+    results["targets"] = report.targets(results)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"bench-{backend.name}.json")
+    report.write_json(results, path)
+    charts = report.charts(results, args.out)
+    print(report.render(results))
+    print(f"\nresults: {path}" + (f"; charts: {', '.join(charts)}" if charts else "; charts: matplotlib not installed"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""The databases the runner measures on, and how to kill their connections."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sqlite3
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+DEFAULT_PG_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
+DEFAULT_MYSQL = "host=127.0.0.1 port=3306 user=root password= database=test"
+
+
+# Every connection the runner opens is in autocommit mode: a SELECT 1 leaves
+# no transaction behind, so no pool pays a rollback round trip on return that
+# the raw floor does not.
+
+
+@dataclass
+class Backend:
+    name: str
+    connect: Callable[[], Any]
+    dsn: str = ""
+    admin: Any = None
+    kills: bool = False  # whether the server can kill a connection
+
+    def server_id(self, raw: Any) -> int:
+        if self.name == "postgresql":
+            return int(raw.info.backend_pid)
+        return int(raw.thread_id())
+
+    def kill(self, raws: list[Any], wait: bool = True) -> int:
+        """Kill these connections from the server side; returns how many."""
+        ids = []
+        for r in raws:
+            try:
+                ids.append(self.server_id(r))
+            except Exception:
+                continue  # closed already
+        if not ids:
+            return 0
+        if self.name == "postgresql":
+            self.admin.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (ids,))
+        else:
+            with self.admin.cursor() as cur:
+                for i in ids:
+                    try:
+                        cur.execute(f"KILL {i:d}")
+                    except Exception:
+                        pass  # already gone
+        if wait:
+            deadline = time.monotonic() + 5
+            while self.alive(ids) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            time.sleep(0.02)
+        return len(ids)
+
+    def alive(self, ids: list[int]) -> int:
+        if self.name == "postgresql":
+            return len(self.admin.execute("SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s)", (ids,)).fetchall())
+        with self.admin.cursor() as cur:
+            marks = ",".join(["%s"] * len(ids))
+            cur.execute(f"SELECT id FROM information_schema.processlist WHERE id IN ({marks})", ids)
+            return len(cur.fetchall())
+
+    def execute(self, sql: str) -> list[Any]:
+        if self.name == "postgresql":
+            cur = self.admin.execute(sql)
+            return cur.fetchall() if cur.description else []
+        if self.name == "mariadb":
+            with self.admin.cursor() as cur:
+                cur.execute(sql)
+                return list(cur.fetchall())
+        cur = self.admin.execute(sql)
+        rows = cur.fetchall()
+        self.admin.commit()
+        return rows
+
+    def close(self) -> None:
+        if self.admin is not None:
+            self.admin.close()
+
+
+def _mysql_args(dsn: str) -> dict[str, Any]:
+    args: dict[str, Any] = {}
+    for part in dsn.split():
+        key, _, value = part.partition("=")
+        args[key] = int(value) if key == "port" else value
+    return args
+
+
+def open_backend(name: str, dsn: str | None) -> Backend:
+    if name == "sqlite":
+        path = dsn or os.path.join(tempfile.mkdtemp(prefix="poolkit-bench-"), "bench.db")
+        connect = functools.partial(sqlite3.connect, path, check_same_thread=False, timeout=5, isolation_level=None)
+        admin = sqlite3.connect(path, check_same_thread=False)
+        return Backend("sqlite", connect, dsn=path, admin=admin)
+    if name == "postgresql":
+        import psycopg
+
+        dsn = dsn or os.environ.get("POOLKIT_PG_DSN", DEFAULT_PG_DSN)
+        admin = psycopg.connect(dsn, autocommit=True)
+        return Backend(
+            "postgresql", functools.partial(psycopg.connect, dsn, autocommit=True), dsn=dsn, admin=admin, kills=True
+        )
+    if name == "mariadb":
+        import pymysql
+
+        dsn = dsn or os.environ.get("POOLKIT_MYSQL_DSN", DEFAULT_MYSQL)
+        args = _mysql_args(dsn)
+        admin = pymysql.connect(**args, autocommit=True)
+        return Backend(
+            "mariadb", functools.partial(pymysql.connect, **args, autocommit=True), dsn=dsn, admin=admin, kills=True
+        )
+    if name == "dqlite":
+        raise SystemExit(
+            "benchmarks: the dqlite backend is not wired into the runner yet "
+            "(it needs the 3-node cluster helper of poolkit.testing.dqlite)"
+        )
+    raise SystemExit(f"benchmarks: unknown backend {name!r} (sqlite, postgresql, mariadb, dqlite)")

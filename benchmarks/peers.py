@@ -1,0 +1,311 @@
+"""The pools compared, behind one small interface.
+
+Each peer is configured as its documentation recommends, and where it has a
+health-checking configuration, that one is a peer of its own:
+
+- ``raw``: one connection reused by one thread, no pool at all (the floor);
+- ``bare``: a lock and a list, doing only what poolkit's checkout must do
+  (the liveness probe and the transaction-state read): the practical floor;
+- ``poolkit``: ``poolkit.Pool`` with its default settings (probe on);
+- ``queuepool`` / ``queuepool_preping``: SQLAlchemy's ``QueuePool``;
+- ``psycopg_pool`` / ``psycopg_pool_check``: psycopg_pool's
+  ``ConnectionPool`` (PostgreSQL only), ``getconn``/``putconn``, without and
+  with ``check=ConnectionPool.check_connection``;
+- ``dbutils``: DBUtils ``PooledDB`` (its default ``ping=1``).
+"""
+
+from __future__ import annotations
+
+import select
+import threading
+from typing import Any, Callable
+
+from poolkit.drivers import IN_TRANSACTION, UNKNOWN, driver_for_connection
+
+ALL = ("raw", "bare", "poolkit", "queuepool", "queuepool_preping", "psycopg_pool", "psycopg_pool_check", "dbutils")
+
+
+class Counting:
+    """A connect callable that counts (and remembers) what it opened."""
+
+    def __init__(self, connect: Callable[[], Any], delay: float = 0.0) -> None:
+        self._connect = connect
+        self.delay = delay
+        self.lock = threading.Lock()
+        self.opened: list[Any] = []
+
+    def __call__(self) -> Any:
+        if self.delay:
+            threading.Event().wait(self.delay)
+        conn = self._connect()
+        with self.lock:
+            self.opened.append(conn)
+        return conn
+
+    @property
+    def count(self) -> int:
+        with self.lock:
+            return len(self.opened)
+
+
+class Peer:
+    name = "?"
+    #: whether the scenario can hand connections across threads
+    multithreaded = True
+
+    def __init__(self, connect: Counting, size: int) -> None:
+        self.connect = connect
+        self.size = size
+
+    def checkout(self) -> Any:
+        raise NotImplementedError
+
+    def checkin(self, handle: Any) -> None:
+        raise NotImplementedError
+
+    def conn(self, handle: Any) -> Any:
+        """The DB-API connection behind a checkout handle."""
+        return handle
+
+    def warm(self) -> None:
+        handles = [self.checkout() for _ in range(self.size)]
+        for h in handles:
+            self.checkin(h)
+
+    def close(self) -> None:
+        pass
+
+
+class Raw(Peer):
+    name = "raw"
+    multithreaded = False
+
+    def __init__(self, connect: Counting, size: int) -> None:
+        super().__init__(connect, size)
+        self.c = connect()
+
+    def checkout(self) -> Any:
+        return self.c
+
+    def checkin(self, handle: Any) -> None:
+        pass
+
+    def warm(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.c.close()
+
+
+class Bare(Peer):
+    """The floor for a pool that does poolkit's checks: lock, list, probe, state."""
+
+    name = "bare"
+
+    def __init__(self, connect: Counting, size: int) -> None:
+        super().__init__(connect, size)
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.idle: list[tuple[Any, Any]] = []
+        for _ in range(size):
+            c = connect()
+            driver = driver_for_connection(c)
+            fd = driver.socket_fd(c)
+            poller = None
+            if fd is not None:
+                poller = select.poll()
+                poller.register(fd, select.POLLIN | select.POLLPRI)
+            self.idle.append((c, poller))
+        self.driver = driver
+
+    def checkout(self) -> Any:
+        with self.cond:
+            while not self.idle:
+                self.cond.wait()
+            item = self.idle.pop()
+        if item[1] is not None and item[1].poll(0):
+            raise RuntimeError("bare pool: dead connection (it has no recovery)")
+        return item
+
+    def checkin(self, handle: Any) -> None:
+        state = self.driver.transaction_state(handle[0])
+        if state in (IN_TRANSACTION, UNKNOWN):
+            handle[0].rollback()
+        with self.cond:
+            self.idle.append(handle)
+            self.cond.notify()
+
+    def conn(self, handle: Any) -> Any:
+        return handle[0]
+
+    def warm(self) -> None:
+        pass
+
+    def close(self) -> None:
+        for c, _ in self.idle:
+            c.close()
+
+
+class Poolkit(Peer):
+    name = "poolkit"
+
+    def __init__(self, connect: Counting, size: int) -> None:
+        super().__init__(connect, size)
+        import poolkit
+
+        self.pool = poolkit.Pool(connect, max_size=size, name="bench")
+
+    def checkout(self) -> Any:
+        return self.pool.acquire()
+
+    def checkin(self, handle: Any) -> None:
+        handle.close()
+
+    def close(self) -> None:
+        self.pool.close(timeout=1)
+
+
+class QueuePoolPeer(Peer):
+    name = "queuepool"
+    pre_ping = False
+
+    URLS = {"sqlite": "sqlite://", "postgresql": "postgresql+psycopg://", "mariadb": "mysql+pymysql://"}
+
+    def __init__(self, connect: Counting, size: int, overflow: int = 0, backend: str = "sqlite") -> None:
+        super().__init__(connect, size)
+        from sqlalchemy import create_engine
+        from sqlalchemy.pool import QueuePool
+
+        # through an engine, as SQLAlchemy users run it: pre_ping needs the dialect
+        self.engine = create_engine(
+            self.URLS[backend],
+            creator=connect,
+            poolclass=QueuePool,
+            pool_size=size,
+            max_overflow=overflow,
+            pool_pre_ping=self.pre_ping,
+        )
+        self.pool = self.engine.pool
+
+    def checkout(self) -> Any:
+        return self.pool.connect()
+
+    def checkin(self, handle: Any) -> None:
+        handle.close()
+
+    def conn(self, handle: Any) -> Any:
+        return handle.dbapi_connection
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+class QueuePoolPrePing(QueuePoolPeer):
+    name = "queuepool_preping"
+    pre_ping = True
+
+
+class PsycopgPool(Peer):
+    name = "psycopg_pool"
+    check = False
+
+    def __init__(self, connect: Counting, size: int, dsn: str = "") -> None:
+        super().__init__(connect, size)
+        from psycopg_pool import ConnectionPool
+
+        delay = connect.delay
+
+        def configure(conn: Any) -> None:
+            if delay:
+                threading.Event().wait(delay)
+            with connect.lock:
+                connect.opened.append(conn)
+
+        self.pool = ConnectionPool(
+            dsn,
+            min_size=size,
+            max_size=size,
+            open=True,
+            configure=configure,
+            check=ConnectionPool.check_connection if self.check else None,
+            name=self.name,
+        )
+        self.pool.wait(timeout=30)
+
+    def checkout(self) -> Any:
+        return self.pool.getconn()
+
+    def checkin(self, handle: Any) -> None:
+        self.pool.putconn(handle)
+
+    def close(self) -> None:
+        self.pool.close(timeout=1)
+
+
+class PsycopgPoolCheck(PsycopgPool):
+    name = "psycopg_pool_check"
+    check = True
+
+
+class DBUtilsPeer(Peer):
+    name = "dbutils"
+
+    def __init__(self, connect: Counting, size: int) -> None:
+        super().__init__(connect, size)
+        from dbutils.pooled_db import PooledDB
+
+        self.pool = PooledDB(connect, mincached=0, maxcached=size, maxconnections=size, blocking=True)
+
+    def checkout(self) -> Any:
+        return self.pool.connection()
+
+    def checkin(self, handle: Any) -> None:
+        handle.close()
+
+    def conn(self, handle: Any) -> Any:
+        return handle._con._con  # PooledDedicatedDBConnection -> SteadyDBConnection -> driver
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+CLASSES: dict[str, type[Peer]] = {
+    "raw": Raw,
+    "bare": Bare,
+    "poolkit": Poolkit,
+    "queuepool": QueuePoolPeer,
+    "queuepool_preping": QueuePoolPrePing,
+    "psycopg_pool": PsycopgPool,
+    "psycopg_pool_check": PsycopgPoolCheck,
+    "dbutils": DBUtilsPeer,
+}
+
+_NEEDS = {
+    "queuepool": "sqlalchemy",
+    "queuepool_preping": "sqlalchemy",
+    "psycopg_pool": "psycopg_pool",
+    "psycopg_pool_check": "psycopg_pool",
+    "dbutils": "dbutils",
+}
+
+
+def available(name: str, backend: str) -> str | None:
+    """None when the peer can run on ``backend``, else why not."""
+    if name.startswith("psycopg_pool") and backend != "postgresql":
+        return "psycopg_pool is for PostgreSQL only"
+    module = _NEEDS.get(name)
+    if module is not None:
+        try:
+            __import__(module)
+        except ImportError:
+            return f"{module} is not installed (pip install 'poolkit[bench]')"
+    return None
+
+
+def make(name: str, connect: Counting, size: int, *, dsn: str = "", overflow: int = 0, backend: str = "sqlite") -> Peer:
+    cls = CLASSES[name]
+    if issubclass(cls, PsycopgPool):
+        return cls(connect, size, dsn=dsn)
+    if issubclass(cls, QueuePoolPeer):
+        return cls(connect, size, overflow=overflow, backend=backend)
+    return cls(connect, size)
