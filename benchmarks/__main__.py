@@ -20,12 +20,21 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         description="poolkit against SQLAlchemy's QueuePool, psycopg_pool and DBUtils, on real databases.",
     )
     ap.add_argument("--backend", default="sqlite", choices=["sqlite", "postgresql", "mariadb", "dqlite"])
-    ap.add_argument("--dsn", default=None, help="connection string (PostgreSQL), 'host=.. user=..' (MariaDB), "
-                    "or a file path (SQLite); defaults to this machine's servers")
-    ap.add_argument("--scenario", action="append", choices=[*SCENARIOS, "all"],
-                    help="one or several (repeat the option); default: all")
-    ap.add_argument("--pools", default=",".join(peers_mod.ALL),
-                    help=f"comma-separated, from: {', '.join(peers_mod.ALL)}")
+    ap.add_argument(
+        "--dsn",
+        default=None,
+        help="connection string (PostgreSQL), 'host=.. user=..' (MariaDB), "
+        "or a file path (SQLite); defaults to this machine's servers",
+    )
+    ap.add_argument(
+        "--scenario",
+        action="append",
+        choices=[*SCENARIOS, "all"],
+        help="one or several (repeat the option); default: all",
+    )
+    ap.add_argument(
+        "--pools", default=",".join(peers_mod.ALL), help=f"comma-separated, from: {', '.join(peers_mod.ALL)}"
+    )
     ap.add_argument("--quick", action="store_true", help="a smoke run: under a minute on SQLite")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds per scenario")
     ap.add_argument("--duration", type=float, default=None, help="seconds per contention burst")
@@ -67,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [p.strip() for p in args.pools.split(",") if p.strip()]
     unknown = [p for p in wanted if p not in peers_mod.CLASSES]
     if unknown:
-        print(f"benchmarks: unknown pool(s) {', '.join(unknown)}; choose from {', '.join(peers_mod.ALL)}",
-              file=sys.stderr)
+        print(
+            f"benchmarks: unknown pool(s) {', '.join(unknown)}; choose from {', '.join(peers_mod.ALL)}", file=sys.stderr
+        )
         return 2
     backend = open_backend(args.backend, args.dsn)
     skipped: dict[str, str] = {}
@@ -90,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         spike_rounds=1 if q else 3,
     )
     steps = {
-        "checkout": settings.rounds, "query": settings.rounds, "contention": settings.contention_rounds,
-        "liveness": 1 + (len(names) if backend.kills else 0), "failover": len(names) if backend.kills else 0,
+        "checkout": settings.rounds,
+        "query": settings.rounds,
+        "contention": settings.contention_rounds,
+        "liveness": 1 + (len(names) if backend.kills else 0),
+        "failover": len(names) if backend.kills else 0,
         "spike": settings.spike_rounds,
     }
     settings.progress = Progress(sum(steps[s] for s in scenarios))

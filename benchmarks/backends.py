@@ -7,8 +7,9 @@ import os
 import sqlite3
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 DEFAULT_PG_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
 DEFAULT_MYSQL = "host=127.0.0.1 port=3306 user=root password= database=test"

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import select
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from poolkit.drivers import IN_TRANSACTION, UNKNOWN, driver_for_connection
 

@@ -77,10 +77,10 @@ def _spread(s: dict[str, float], unit: str = "") -> str:
 
 def table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     for r in rows:
-        lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
     return "\n".join(lines)
 
 
@@ -103,34 +103,56 @@ def render(results: dict[str, Any]) -> str:
         header = ["pool", "p50 us [min..max]", "p99 us", "poolkit/peer p50"]
         if name == "query":
             header.append("over raw us")
-        out += [f"== {name}: {'checkout + checkin' if name == 'checkout' else 'checkout + SELECT 1 + checkin'}"
-                f" (one thread, pool of 4; medians of {next(iter(r['peers'].values()))['p50']['n']} rounds)",
-                table(rows, header), ""]
+        out += [
+            f"== {name}: {'checkout + checkin' if name == 'checkout' else 'checkout + SELECT 1 + checkin'}"
+            f" (one thread, pool of 4; medians of {next(iter(r['peers'].values()))['p50']['n']} rounds)",
+            table(rows, header),
+            "",
+        ]
     if "contention" in sc:
         r = sc["contention"]
         rows = []
         for peer, v in r["peers"].items():
             ratio = r["ratio_throughput"].get(peer)
-            rows.append([
-                peer,
-                _spread(v["throughput"]),
-                _fmt(v["min_over_max"]["median"]),
-                _fmt(v["starved"]["median"]),
-                _fmt(v["wait_p50_us"]["median"]),
-                _fmt(v["wait_p99_us"]["median"]),
-                _spread(ratio) if ratio else "",
-            ])
-        out += ["== contention: 16 threads, pool of 4, checkout + SELECT 1 + checkin",
-                table(rows, ["pool", "ops/s [min..max]", "least/most", "starved", "wait p50 us",
-                             "wait p99 us", "poolkit/peer ops/s"]), ""]
+            rows.append(
+                [
+                    peer,
+                    _spread(v["throughput"]),
+                    _fmt(v["min_over_max"]["median"]),
+                    _fmt(v["starved"]["median"]),
+                    _fmt(v["wait_p50_us"]["median"]),
+                    _fmt(v["wait_p99_us"]["median"]),
+                    _spread(ratio) if ratio else "",
+                ]
+            )
+        out += [
+            "== contention: 16 threads, pool of 4, checkout + SELECT 1 + checkin",
+            table(
+                rows,
+                [
+                    "pool",
+                    "ops/s [min..max]",
+                    "least/most",
+                    "starved",
+                    "wait p50 us",
+                    "wait p99 us",
+                    "poolkit/peer ops/s",
+                ],
+            ),
+            "",
+        ]
     if "liveness" in sc:
         r = sc["liveness"]
         out.append("== liveness")
-        out.append(f"probe p50: {_fmt(r.get('probe_p50_ns'), 'us')} us; SELECT 1 round trip p50: "
-                   f"{_fmt(r['select1_p50_ns'], 'us')} us" + (f"  ({r['note']})" if r.get("note") else ""))
+        out.append(
+            f"probe p50: {_fmt(r.get('probe_p50_ns'), 'us')} us; SELECT 1 round trip p50: "
+            f"{_fmt(r['select1_p50_ns'], 'us')} us" + (f"  ({r['note']})" if r.get("note") else "")
+        )
         if r.get("detection"):
-            rows = [[p, str(v["killed"]), str(v["errors_reaching_app"]), f"{v['detected']:.0%}"]
-                    for p, v in r["detection"].items()]
+            rows = [
+                [p, str(v["killed"]), str(v["errors_reaching_app"]), f"{v['detected']:.0%}"]
+                for p, v in r["detection"].items()
+            ]
             out.append(table(rows, ["pool", "killed while idle", "errors reaching app", "detected"]))
         out.append("")
     if "failover" in sc:
@@ -142,19 +164,42 @@ def render(results: dict[str, Any]) -> str:
             rows = []
             for p, v in r["peers"].items():
                 rec = v["recover_ms"]
-                rows.append([p, str(v["kills"]), str(v["read_errors_reaching_app"]),
-                             str(v["write_errors_reaching_app"]), str(v["writes_acknowledged"]),
-                             str(v["writes_lost"]), str(v["writes_duplicated"]),
-                             _fmt(rec["median"]) if rec else "-"])
-            out.append(table(rows, ["pool", "kills", "read errors", "write errors", "writes acked",
-                                    "lost", "duplicated", "recover ms p50"]))
+                rows.append(
+                    [
+                        p,
+                        str(v["kills"]),
+                        str(v["read_errors_reaching_app"]),
+                        str(v["write_errors_reaching_app"]),
+                        str(v["writes_acknowledged"]),
+                        str(v["writes_lost"]),
+                        str(v["writes_duplicated"]),
+                        _fmt(rec["median"]) if rec else "-",
+                    ]
+                )
+            out.append(
+                table(
+                    rows,
+                    [
+                        "pool",
+                        "kills",
+                        "read errors",
+                        "write errors",
+                        "writes acked",
+                        "lost",
+                        "duplicated",
+                        "recover ms p50",
+                    ],
+                )
+            )
         out.append("")
     if "spike" in sc:
         r = sc["spike"]
-        rows = [[p, _spread(v["opened"]), _spread(v["last_wait_s"]), str(v["errors"])]
-                for p, v in r["peers"].items()]
-        out += ["== spike: 50 threads at once, max 10 connections, connect takes 150 ms",
-                table(rows, ["pool", "connections opened", "last thread waited s", "errors"]), ""]
+        rows = [[p, _spread(v["opened"]), _spread(v["last_wait_s"]), str(v["errors"])] for p, v in r["peers"].items()]
+        out += [
+            "== spike: 50 threads at once, max 10 connections, connect takes 150 ms",
+            table(rows, ["pool", "connections opened", "last thread waited s", "errors"]),
+            "",
+        ]
     if results.get("skipped"):
         out.append("skipped: " + "; ".join(f"{k}: {v}" for k, v in results["skipped"].items()))
     out.append("")
@@ -181,7 +226,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     if "query" in sc and "overhead_over_raw_ns" in sc["query"]:
         ov = sc["query"]["overhead_over_raw_ns"].get("poolkit")
         if ov and results["env"]["backend"] == "postgresql":
-            add("query overhead over raw <= 10 us (PostgreSQL)", ov["median"] <= 10_000, f"{ov['median'] / 1000:.2f} us")
+            add(
+                "query overhead over raw <= 10 us (PostgreSQL)", ov["median"] <= 10_000, f"{ov['median'] / 1000:.2f} us"
+            )
     if "liveness" in sc and sc["liveness"].get("detection"):
         d = sc["liveness"]["detection"].get("poolkit")
         if d:
@@ -190,10 +237,16 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         pk = sc["contention"]["peers"].get("poolkit")
         if pk:
             add("contention: no thread starved", pk["starved"]["median"] == 0, f"{pk['starved']['median']:g}")
-            add("contention: least/most served >= 0.8", pk["min_over_max"]["median"] >= 0.8,
-                f"{pk['min_over_max']['median']:.2f}")
-            others = {p: v["throughput"]["median"] for p, v in sc["contention"]["peers"].items()
-                      if p not in ("poolkit", "bare", "raw")}
+            add(
+                "contention: least/most served >= 0.8",
+                pk["min_over_max"]["median"] >= 0.8,
+                f"{pk['min_over_max']['median']:.2f}",
+            )
+            others = {
+                p: v["throughput"]["median"]
+                for p, v in sc["contention"]["peers"].items()
+                if p not in ("poolkit", "bare", "raw")
+            }
             if others:
                 best = max(others, key=lambda p: others[p])
                 ratio = sc["contention"]["ratio_throughput"].get(best, {}).get("median")
@@ -206,16 +259,24 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         if pk:
             opened = pk["opened"]["median"]
             ok = opened <= 10 and (qp is None or opened < qp["opened"]["median"])
-            add("spike: opens <= max_size and fewer than QueuePool", ok,
-                f"{opened:g} vs QueuePool {qp['opened']['median']:g}" if qp else f"{opened:g}")
+            add(
+                "spike: opens <= max_size and fewer than QueuePool",
+                ok,
+                f"{opened:g} vs QueuePool {qp['opened']['median']:g}" if qp else f"{opened:g}",
+            )
     if "failover" in sc and sc["failover"].get("peers"):
         pk = sc["failover"]["peers"].get("poolkit")
         if pk:
-            add("failover: zero read errors reaching the application", pk["read_errors_reaching_app"] == 0,
-                str(pk["read_errors_reaching_app"]))
-            add("failover: zero duplicated or lost writes",
+            add(
+                "failover: zero read errors reaching the application",
+                pk["read_errors_reaching_app"] == 0,
+                str(pk["read_errors_reaching_app"]),
+            )
+            add(
+                "failover: zero duplicated or lost writes",
                 pk["writes_duplicated"] == 0 and pk["writes_lost"] == 0,
-                f"dup {pk['writes_duplicated']}, lost {pk['writes_lost']}")
+                f"dup {pk['writes_duplicated']}, lost {pk['writes_lost']}",
+            )
     return out
 
 
@@ -249,11 +310,11 @@ def charts(results: dict[str, Any], folder: str) -> list[str]:
     lat = [n for n in ("checkout", "query") if n in sc]
     if lat:
         fig, axes = plt.subplots(1, len(lat), figsize=(6 * len(lat), 4.5), squeeze=False)
-        for ax, name in zip(axes[0], lat):
+        for ax, name in zip(axes[0], lat, strict=True):
             peers = list(sc[name]["peers"])
             med = [sc[name]["peers"][p]["p50"]["median"] / 1000 for p in peers]
-            lo = [m - sc[name]["peers"][p]["p50"]["min"] / 1000 for p, m in zip(peers, med)]
-            hi = [sc[name]["peers"][p]["p50"]["max"] / 1000 - m for p, m in zip(peers, med)]
+            lo = [m - sc[name]["peers"][p]["p50"]["min"] / 1000 for p, m in zip(peers, med, strict=True)]
+            hi = [sc[name]["peers"][p]["p50"]["max"] / 1000 - m for p, m in zip(peers, med, strict=True)]
             colors = ["tab:green" if p == "poolkit" else "tab:gray" for p in peers]
             ax.bar(peers, med, yerr=[lo, hi], color=colors, capsize=3)
             ax.set_title(f"{name}: p50 latency per operation ({results['env']['backend']})")
@@ -271,8 +332,7 @@ def charts(results: dict[str, Any], folder: str) -> list[str]:
         axes[0].tick_params(axis="x", rotation=30)
         for p in peers:
             ops = sorted(c[p]["ops_per_thread_last_round"])
-            axes[1].plot(range(1, len(ops) + 1), ops, marker="o", label=p,
-                         linewidth=2.5 if p == "poolkit" else 1)
+            axes[1].plot(range(1, len(ops) + 1), ops, marker="o", label=p, linewidth=2.5 if p == "poolkit" else 1)
         axes[1].set_title("fairness: operations per thread, sorted (last round)")
         axes[1].set_xlabel("thread (least to most served)")
         axes[1].set_ylabel("operations")

@@ -15,8 +15,9 @@ import select
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from benchmarks import peers as peers_mod
 from benchmarks.backends import Backend
@@ -76,7 +77,7 @@ def _ratios(per_round: dict[str, list[float]], base: str = "poolkit") -> dict[st
     for name, values in per_round.items():
         if name == base:
             continue
-        rs = [b / v for b, v in zip(per_round[base], values) if v > 0]
+        rs = [b / v for b, v in zip(per_round[base], values, strict=True) if v > 0]
         if rs:
             out[name] = summary(rs)
     return out
@@ -124,7 +125,7 @@ def _single_thread(names: list[str], backend: Backend, s: Settings, with_query: 
     }
     if with_query and "raw" in p50s:
         result["overhead_over_raw_ns"] = {
-            n: summary([a - b for a, b in zip(p50s[n], p50s["raw"])]) for n in peers if n != "raw"
+            n: summary([a - b for a, b in zip(p50s[n], p50s["raw"], strict=True)]) for n in peers if n != "raw"
         }
     return result
 
@@ -450,9 +451,7 @@ def _spike_one(name: str, backend: Backend) -> dict[str, float]:
                         connect.opened.append(conn)
 
                 check = ConnectionPool.check_connection if name.endswith("check") else None
-                self.pool = ConnectionPool(
-                    dsn, min_size=0, max_size=size, open=True, configure=configure, check=check
-                )
+                self.pool = ConnectionPool(dsn, min_size=0, max_size=size, open=True, configure=configure, check=check)
 
         p: Peer = Lazy(counting, 10, dsn=backend.dsn)
     else:

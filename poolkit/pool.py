@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from poolkit.classify import Category, Classification, classify
-from poolkit.drivers import BROKEN, IN_TRANSACTION, UNKNOWN, Driver, driver_for_connection
+from poolkit.drivers import BROKEN, Driver, driver_for_connection
 from poolkit.errors import (
     AmbiguousCommitError,
     ConnectionReturned,
@@ -67,35 +67,73 @@ class _Conn:
     """One driver connection and what the pool knows about it."""
 
     __slots__ = (
+        "__weakref__",
         "bad",
         "checked_out_at",
         "created_at",
         "epoch",
         "expires_at",
+        "fresh_until",
         "generation",
         "id",
         "last_used",
         "leak_logged",
+        "orphans",
+        "ping_at",
         "poller",
         "raw",
+        "retired",
         "stack",
         "used",
     )
 
-    def __init__(self, raw: Any, cid: int, generation: int, epoch: int, now: float, expires_at: float) -> None:
+    def __init__(
+        self,
+        raw: Any,
+        cid: int,
+        generation: int,
+        epoch: int,
+        now: float,
+        expires_at: float,
+        orphans: deque[_Conn] | None = None,
+    ) -> None:
         self.raw = raw
+        self.orphans = orphans  # where to go if dropped while checked out
+        self.retired = False  # the pool closed it (or let it go) on purpose
         self.id = cid
         self.generation = generation
         self.epoch = epoch
         self.created_at = now
         self.expires_at = expires_at
         self.last_used = now
+        self.fresh_until = expires_at  # min(expiry, last_used + max_idle_time): set by Pool._touch
+        self.ping_at = _INF  # last_used + ping_after when a ping hook is set: set by Pool._touch
         self.used = False  # handed out and returned at least once
         self.bad = ""  # set to a reason when an error showed the connection unusable
         self.poller: Any = None
         self.checked_out_at = 0.0
         self.stack: list[traceback.FrameSummary] | None = None
         self.leak_logged = False
+
+    def __del__(self) -> None:
+        # A record dies while still open only when the proxy holding it was
+        # dropped without being returned (idle ones sit on the stack, closed
+        # ones are retired). No locks and no I/O here: this can run inside the
+        # garbage collector, in any thread. A copy goes to the pool's orphans
+        # (a deque: append is atomic) and the pool reclaims it later. Doing this
+        # here and not in the proxy keeps a finalizer off every checkout.
+        if self.retired or self.orphans is None:
+            return
+        try:
+            twin = _Conn(self.raw, self.id, self.generation, self.epoch, self.created_at, self.expires_at)
+            twin.orphans = self.orphans
+            twin.poller = self.poller
+            twin.used = self.used
+            twin.bad = self.bad
+            twin.last_used = self.last_used
+            self.orphans.append(twin)
+        except Exception:  # interpreter shutdown
+            pass
 
 
 class _Waiter:
@@ -230,7 +268,10 @@ class Pool:
         self._classifier = classifier
         self._leak_timeout = leak_timeout
         self._driver: Driver | None = driver
+        self._tx_state: Callable[[Any], int] | None = driver.transaction_state if driver is not None else None
         self._driver_checked = False
+        # the checkout needs more than the fast path's checks on every reuse
+        self._slow_checkout = bool(reset_session) or leak_timeout is not None
         self._maintenance_interval = float(maintenance_interval)
         self._clock = clock
         self._random = random.Random()
@@ -245,7 +286,9 @@ class Pool:
         self._lock = threading.Lock()
         self._max_size = max_size
         self._idle: list[_Conn] = []  # LIFO: hot connections on top
-        self._out: set[_Conn] = set()  # checked out
+        self._in_use = 0  # checked out
+        # checked out, for the leak log; weak, so a dropped proxy's connection can still be reclaimed
+        self._out: weakref.WeakSet[_Conn] | None = weakref.WeakSet() if leak_timeout is not None else None
         self._waiters: deque[_Waiter] = deque()  # FIFO
         self._open = 0  # connections open or being opened: never above max_size
         self._opening = 0
@@ -308,26 +351,53 @@ class Pool:
         Waits at most ``timeout`` seconds (the pool's ``timeout`` if None),
         then raises :class:`PoolTimeout`.
         """
-        deadline = 0.0
-        while True:
-            rec = None
-            with self._lock:
-                if self._idle and not self._waiters and not self._closed:
-                    rec = self._idle.pop()
+        rec = None
+        with self._lock:
+            if self._idle and not self._waiters and not self._closed:
+                rec = self._idle.pop()
+                self._in_use += 1
+                self._acquired += 1
+                if self._out is not None:
                     self._out.add(rec)
-                    self._acquired += 1
-            if rec is None:
-                if not deadline:
-                    deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
-                rec = self._acquire_slow(deadline)
-                if rec is None:
-                    continue  # a fresh connection was discarded already; try again
+        if rec is not None:
+            # the hot path: a fresh, current connection whose socket is quiet
+            now = self._clock()
+            if (
+                now < rec.fresh_until
+                and now < rec.ping_at
+                and rec.generation == self._generation
+                and not self._slow_checkout
+                and (rec.poller is None or not rec.poller.poll(0))
+            ):
+                return PooledConnection(self, rec)
             reason = self._check_out(rec)
             if reason is None:
                 return PooledConnection(self, rec)
             self._discard(rec, reason, checked_out=True)
-            if not deadline:
-                deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
+        return self._acquire_loop(time.monotonic() + (self._timeout if timeout is None else timeout))
+
+    def _acquire_loop(self, deadline: float) -> PooledConnection:
+        while True:
+            rec = self._acquire_slow(deadline)
+            if rec is None:
+                continue  # a fresh connection was discarded already; try again
+            reason = self._check_out(rec)
+            if reason is None:
+                return PooledConnection(self, rec)
+            self._discard(rec, reason, checked_out=True)
+
+    def _take_locked(self, rec: _Conn) -> None:
+        self._in_use += 1
+        self._acquired += 1
+        if self._out is not None:
+            self._out.add(rec)
+
+    def _touch(self, rec: _Conn, now: float) -> None:
+        """``rec`` was used at ``now``: when does it need a look before reuse?"""
+        rec.last_used = now
+        idle_limit = now + self._max_idle_time
+        rec.fresh_until = idle_limit if idle_limit < rec.expires_at else rec.expires_at
+        rec.ping_at = now + self._ping_after if self._ping_hook else _INF
 
     def _acquire_slow(self, deadline: float) -> _Conn | None:
         """No idle connection was free: open one, or wait in line."""
@@ -341,8 +411,7 @@ class Pool:
                 raise PoolClosed(f"pool {self.name!r} is closed")
             if self._idle and not self._waiters:
                 rec = self._idle.pop()
-                self._out.add(rec)
-                self._acquired += 1
+                self._take_locked(rec)
                 return rec
             if self._open < self._max_size:
                 self._open += 1
@@ -371,7 +440,7 @@ class Pool:
             if waiter.error is not None:
                 raise waiter.error
             if waiter.rec is not None:
-                self._acquired += 1
+                self._acquired += 1  # _release counted it in use already
                 return waiter.rec
             if waiter.grant:
                 return None
@@ -397,6 +466,7 @@ class Pool:
                 raw = self._connect()
                 if self._driver is None:
                     self._driver = driver_for_connection(raw)
+                    self._tx_state = self._driver.transaction_state
                 if not self._driver_checked:
                     self._driver.check_config(raw)
                     self._driver_checked = True
@@ -425,7 +495,8 @@ class Pool:
                 self._stop.wait(delay)
         now = self._clock()
         lifetime = self._max_lifetime * (1.0 - self._lifetime_jitter * self._random.random())
-        rec = _Conn(raw, next(self._ids), generation, epoch, now, now + lifetime)
+        rec = _Conn(raw, next(self._ids), generation, epoch, now, now + lifetime, self._orphans)
+        self._touch(rec, now)
         if self._liveness:
             fd = self._driver.socket_fd(raw)
             if fd is not None:
@@ -437,14 +508,13 @@ class Pool:
             self._last_connect_error = None
             stale = generation != self._generation or self._closed or epoch != self._epoch
             if not stale:
-                self._out.add(rec)
-                self._acquired += 1
+                self._take_locked(rec)
                 return rec
             self._open -= 1
             self._closed_total += 1
             self._closed_by["invalidated"] += 1
             self._grant_locked()
-        self._close_raw(raw)  # opened before an invalidate(): never handed out
+        self._retire(rec)  # opened before an invalidate(): never handed out
         if self._closed:
             raise PoolClosed(f"pool {self.name!r} is closed")
         return None
@@ -471,7 +541,7 @@ class Pool:
         if not slot:
             return self.acquire(timeout)
         if victim is not None:
-            self._close_raw(victim.raw)
+            self._retire(victim)
         rec = self._open_in_slot(deadline)
         if rec is not None:
             return PooledConnection(self, rec)
@@ -537,24 +607,28 @@ class Pool:
         reason = rec.bad or None
         if reason is None:
             try:
-                state = self._driver.transaction_state(raw)  # type: ignore[union-attr]
-                if state in (IN_TRANSACTION, UNKNOWN):
-                    raw.rollback()
-                elif state == BROKEN:
-                    reason = "bad"
+                state = self._tx_state(raw)  # type: ignore[misc]
+                if state:  # not IDLE
+                    if state == BROKEN:
+                        reason = "bad"
+                    else:  # IN_TRANSACTION or UNKNOWN
+                        raw.rollback()
             except Exception as exc:
                 logger.warning("pool %r: rollback on return failed on connection %d: %r", self.name, rec.id, exc)
                 reason = "bad"
-        if reason is None and self._is_valid is not None:
-            try:
-                if not self._is_valid(raw):
+            if reason is None and self._is_valid is not None:
+                try:
+                    if not self._is_valid(raw):
+                        reason = "invalid"
+                except Exception as exc:
+                    logger.warning("pool %r: is_valid raised on connection %d: %r", self.name, rec.id, exc)
                     reason = "invalid"
-            except Exception as exc:
-                logger.warning("pool %r: is_valid raised on connection %d: %r", self.name, rec.id, exc)
-                reason = "invalid"
-        now = self._clock()
+            if reason is None:
+                self._touch(rec, self._clock())
+                rec.used = True
         with self._lock:
-            self._out.discard(rec)
+            if self._out is not None:
+                self._out.discard(rec)
             if reason is None:
                 if self._closed:
                     reason = "closed"
@@ -562,35 +636,38 @@ class Pool:
                     reason = "invalidated"
                 elif self._open > self._max_size:
                     reason = "resized"
-                else:
-                    rec.last_used = now
-                    rec.used = True
-                    if self._waiters:
-                        waiter = self._waiters.popleft()
-                        waiter.rec = rec
+                elif self._waiters:
+                    waiter = self._waiters.popleft()  # straight to the oldest waiter: stays in use
+                    waiter.rec = rec
+                    if self._out is not None:
                         self._out.add(rec)
-                        waiter.lock.release()
-                        return
-                    if len(self._idle) < self._max_idle:
-                        self._idle.append(rec)
-                        return
+                    waiter.lock.release()
+                    return
+                elif len(self._idle) < self._max_idle:
+                    self._in_use -= 1
+                    self._idle.append(rec)
+                    return
+                else:
                     reason = "idle"
+            self._in_use -= 1
             self._forget_locked(reason)
-            if self._closed and not self._out:
+            if self._closed and not self._in_use:
                 self._returned.notify_all()
         self._log_discard(rec, reason)
-        self._close_raw(raw)
+        self._retire(rec)
 
     def _discard(self, rec: _Conn, reason: str, *, checked_out: bool) -> None:
         with self._lock:
             if checked_out:
-                self._out.discard(rec)
+                self._in_use -= 1
+                if self._out is not None:
+                    self._out.discard(rec)
                 self._acquired -= 1  # it was never handed out
             self._forget_locked(reason)
-            if self._closed and not self._out:
+            if self._closed and not self._in_use:
                 self._returned.notify_all()
         self._log_discard(rec, reason)
-        self._close_raw(rec.raw)
+        self._retire(rec)
 
     def _forget_locked(self, reason: str) -> None:
         """A connection is leaving the pool (the caller closes it, unlocked)."""
@@ -619,6 +696,11 @@ class Pool:
             logger.warning("pool %r: discarded connection %d (%s)", self.name, rec.id, reason)
         elif logger.isEnabledFor(logging.DEBUG):
             logger.debug("pool %r: closing connection %d (%s)", self.name, rec.id, reason)
+
+    def _retire(self, rec: _Conn) -> None:
+        """Close a connection the pool lets go of on purpose."""
+        rec.retired = True
+        self._close_raw(rec.raw)
 
     def _close_raw(self, raw: Any) -> None:
         try:
@@ -689,7 +771,7 @@ class Pool:
             generation = self._generation
         logger.info("pool %r: invalidated (generation %d); closing %d idle", self.name, generation, len(idle))
         for rec in idle:
-            self._close_raw(rec.raw)
+            self._retire(rec)
 
     def resize(self, max_size: int) -> None:
         """Change ``max_size``. Growing lets waiters open connections at once;
@@ -706,7 +788,7 @@ class Pool:
                 self._forget_locked("resized")
             self._grant_locked()
         for rec in closing:
-            self._close_raw(rec.raw)
+            self._retire(rec)
 
     def close(self, timeout: float = 5.0) -> None:
         """Close the pool: waiters get :class:`PoolClosed`, idle connections are
@@ -726,15 +808,15 @@ class Pool:
                 waiter.lock.release()
         self._stop.set()
         for rec in idle:
-            self._close_raw(rec.raw)
+            self._retire(rec)
         maintainer = self._maintainer
         if maintainer is not None and maintainer is not threading.current_thread() and maintainer.is_alive():
             maintainer.join(timeout)
         end = time.monotonic() + timeout
         with self._lock:
-            while self._out and (left := end - time.monotonic()) > 0:
+            while self._in_use and (left := end - time.monotonic()) > 0:
                 self._returned.wait(left)
-            still_out = len(self._out)
+            still_out = self._in_use
         if still_out:
             logger.warning(
                 "pool %r: closed with %d connections still checked out; they close when returned",
@@ -782,10 +864,10 @@ class Pool:
             missing = max(0, self._min_size - self._open)
             self._open += missing
             self._opening += missing
-            leak_check = list(self._out) if self._leak_timeout is not None else []
+            leak_check = list(self._out) if self._out is not None else []
         for rec, reason in closing:
             self._log_discard(rec, reason)
-            self._close_raw(rec.raw)
+            self._retire(rec)
         self._reclaim_orphans()
         for rec in leak_check:
             self._check_leak(rec, now)
@@ -823,9 +905,12 @@ class Pool:
         """In a forked child: forget (but keep alive) every inherited connection."""
         self._lock = threading.Lock()
         self._returned = threading.Condition(self._lock)
-        _INHERITED.extend(rec.raw for rec in self._idle)
+        for rec in self._idle:
+            rec.retired = True
+            _INHERITED.append(rec.raw)
         self._idle = []
-        self._out = set()
+        self._in_use = 0
+        self._out = weakref.WeakSet() if self._out is not None else None
         self._waiters = deque()
         self._orphans = deque()
         self._open = 0
@@ -845,7 +930,7 @@ class Pool:
                 max_size=self._max_size,
                 open=self._open - self._opening,
                 opening=self._opening,
-                in_use=len(self._out),
+                in_use=self._in_use,
                 idle=len(self._idle),
                 waiting=len(self._waiters),
                 generation=self._generation,
@@ -885,7 +970,7 @@ class Pool:
         with self._lock:
             state = "closed " if self._closed else ""
             return (
-                f"<Pool {self.name!r} {state}open={self._open - self._opening} in_use={len(self._out)} "
+                f"<Pool {self.name!r} {state}open={self._open - self._opening} in_use={self._in_use} "
                 f"idle={len(self._idle)} waiting={len(self._waiters)} gen={self._generation}>"
             )
 
@@ -1025,14 +1110,6 @@ class PooledConnection:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    def __del__(self) -> None:
-        rec = self._rec
-        if rec is not None:
-            # No locks and no I/O here: this may run inside the garbage
-            # collector, in any thread. The pool reclaims it later.
-            self._rec = None
-            self._pool._orphans.append(rec)
 
     def __repr__(self) -> str:
         rec = self._rec
