@@ -1,0 +1,32 @@
+"""The benchmark runner's smoke test: `python -m benchmarks --quick` on
+SQLite runs every scenario and writes its JSON and charts. No figure is
+asserted: these machines are too noisy for that."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.__main__ import main
+
+
+def test_quick_run_on_sqlite_writes_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    data = json.loads((tmp_path / "bench-sqlite.json").read_text())
+    assert set(data["scenarios"]) == {"checkout", "query", "contention", "liveness", "failover", "spike"}
+    assert data["env"]["python"] and data["env"]["packages"]["poolkit"]
+    assert "poolkit/peer" in out and "== targets" in out
+    for peer in ("poolkit", "queuepool", "dbutils", "raw", "bare"):
+        assert peer in data["scenarios"]["checkout"]["peers"]
+    assert (tmp_path / "latency.png").stat().st_size > 1000
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_bad_arguments_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--pools", "poolkit,nosuchpool", "--scenario", "checkout"]) == 2
+    assert "unknown pool(s) nosuchpool" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--rounds", "0"])
