@@ -612,7 +612,7 @@ class Pool:
                     if state == BROKEN:
                         reason = "bad"
                     else:  # IN_TRANSACTION or UNKNOWN
-                        raw.rollback()
+                        self._driver.rollback(raw)  # type: ignore[union-attr]
             except Exception as exc:
                 logger.warning("pool %r: rollback on return failed on connection %d: %r", self.name, rec.id, exc)
                 reason = "bad"

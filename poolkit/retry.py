@@ -6,8 +6,8 @@ What ``pool.run`` retries, by the category of the error (see
 - ``RETRYABLE``: always; the whole function runs again in a new transaction.
 - ``NOT_LEADER``: always; the write was rejected before it ran, and the pool
   has invalidated itself, so the next attempt reaches the new leader.
-- ``BAD_CONNECTION``: when the work is ``idempotent=True``, or when the
-  failure came before any of the work was sent.
+- ``BAD_CONNECTION``: when the work is ``idempotent=True``, when it carries a
+  ``request_id``, or when the failure came before any of the work was sent.
 - ``AMBIGUOUS`` (the commit may have been applied): when the work is
   ``idempotent=True``, or when it carries a ``request_id``: the next attempt
   first looks the id up in the ledger and returns without running the work
@@ -89,10 +89,16 @@ def _env_off() -> bool:
 
 
 def _policy(pool: Pool, retry: Retry | bool | None) -> Retry:
+    return _policy_from(pool.retry, retry)
+
+
+def _policy_from(default: Retry, retry: Retry | bool | None) -> Retry:
+    """The budget for one call: ``retry`` if given, else ``default``; none at
+    all when POOLKIT_RETRY=off."""
     if _env_off() or retry is False:
         return _OFF
     if retry is None or retry is True:
-        return pool.retry
+        return default
     if isinstance(retry, Retry):
         return retry
     raise TypeError(f"retry must be a poolkit.Retry, True, False or None, not {type(retry).__name__}")
@@ -188,6 +194,51 @@ class _Attempt:
         self.bad_connections = 0
 
 
+def safe_to_retry(category: Category, stage: str, *, idempotent: bool, request_id: str | None) -> bool:
+    """Whether work that failed with ``category`` at ``stage`` (checkout,
+    begin, work, commit) may run again: the one rule behind every retry."""
+    if category in (Category.BAD_CONNECTION, Category.AMBIGUOUS):
+        # safe when repeating is harmless, when the ledger will tell whether the
+        # first attempt committed, or (connection lost) when nothing was sent yet
+        return (
+            idempotent
+            or request_id is not None
+            or (category is Category.BAD_CONNECTION and stage in ("checkout", "begin"))
+        )
+    return category in (Category.RETRYABLE, Category.NOT_LEADER)
+
+
+def make_retrying(
+    policy: Retry,
+    should_retry: Callable[[BaseException], bool],
+    before_sleep: Callable[[tenacity.RetryCallState], None],
+) -> tenacity.Retrying:
+    """The tenacity loop for a retry budget."""
+    return tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(policy.attempts) | tenacity.stop_before_delay(policy.deadline),
+        wait=tenacity.wait_random_exponential(multiplier=policy.initial_backoff, max=policy.max_backoff),
+        retry=tenacity.retry_if_exception(should_retry),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+
+
+def _log_retry(pool: Pool, policy: Retry, stage: str, rs: tenacity.RetryCallState) -> None:
+    pool._count_retry()
+    exc = rs.outcome.exception() if rs.outcome is not None else None
+    c = pool.classify(exc) if exc is not None else None
+    logger.warning(
+        "pool %r: attempt %d of %d failed at %s (%s: %s); retrying in %.2fs",
+        pool.name,
+        rs.attempt_number,
+        policy.attempts,
+        stage,
+        c.category.name if c else "?",
+        c.reason if c else exc,
+        rs.upcoming_sleep,
+    )
+
+
 def _is_integrity_error(exc: BaseException) -> bool:
     return any(cls.__name__ == "IntegrityError" for cls in type(exc).__mro__)
 
@@ -215,33 +266,9 @@ def run(
         c = pool.classify(exc, during_commit=state.stage == "commit")
         if c.category is Category.BAD_CONNECTION:
             state.bad_connections += 1
-            return idempotent or state.stage in ("checkout", "begin")
-        if c.category is Category.AMBIGUOUS:
-            return idempotent or request_id is not None
-        return c.category in (Category.RETRYABLE, Category.NOT_LEADER)
+        return safe_to_retry(c.category, state.stage, idempotent=idempotent, request_id=request_id)
 
-    def before_sleep(rs: tenacity.RetryCallState) -> None:
-        pool._count_retry()
-        exc = rs.outcome.exception() if rs.outcome is not None else None
-        c = pool.classify(exc) if exc is not None else None
-        logger.warning(
-            "pool %r: attempt %d of %d failed at %s (%s: %s); retrying in %.2fs",
-            pool.name,
-            rs.attempt_number,
-            policy.attempts,
-            state.stage,
-            c.category.name if c else "?",
-            c.reason if c else exc,
-            rs.upcoming_sleep,
-        )
-
-    retrying = tenacity.Retrying(
-        stop=tenacity.stop_after_attempt(policy.attempts) | tenacity.stop_before_delay(policy.deadline),
-        wait=tenacity.wait_random_exponential(multiplier=policy.initial_backoff, max=policy.max_backoff),
-        retry=tenacity.retry_if_exception(should_retry),
-        before_sleep=before_sleep,
-        reraise=True,
-    )
+    retrying = make_retrying(policy, should_retry, lambda rs: _log_retry(pool, policy, state.stage, rs))
     for attempt in retrying:
         with attempt:
             number = attempt.retry_state.attempt_number

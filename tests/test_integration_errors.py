@@ -548,3 +548,68 @@ def test_integrity_and_syntax_errors_are_permanent_and_keep_the_connection(backe
                 assert backend.server_id(conn.driver_connection) == sid
         assert pool.stats().closed == 0
     assert count(backend, table) == 0
+
+
+# ------------------------------------------------------------- request ids
+
+
+def test_request_id_work_runs_once_on_every_backend(backend: Any, table: str) -> None:
+    ledger = f"ledger_{table}"[:60]
+    backend.execute(f"DROP TABLE IF EXISTS {ledger}")
+    calls = 0
+
+    def insert(conn: Any) -> str:
+        nonlocal calls
+        calls += 1
+        conn.cursor().execute(f"INSERT INTO {table} (id, v) VALUES ({calls}, 'x')")
+        return "done"
+
+    try:
+        with Pool(backend.connect, max_size=2, ledger_table=ledger, retry=FAST) as pool:
+            assert pool.run(insert, request_id="req-1") == "done"
+            assert pool.run(insert, request_id="req-1") is None  # finished: never run again
+            assert calls == 1
+            assert pool.run(insert, request_id="req-2") == "done"
+            assert count(backend, table) == 2
+            assert pool.prune_requests(older_than=3600) == 0
+            assert pool.prune_requests(older_than=0) >= 0
+    finally:
+        backend.execute(f"DROP TABLE IF EXISTS {ledger}")
+
+
+def test_commit_killed_with_a_request_id_lands_exactly_once(pg: Any, table: str) -> None:
+    pg.execute(
+        "CREATE OR REPLACE FUNCTION poolkit_slow_commit() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$"
+    )
+    pg.execute(
+        f"CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON {table} "
+        "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION poolkit_slow_commit()"
+    )
+    pg.execute("DROP TABLE IF EXISTS ledger_commit_killed")
+    calls = 0
+    once: list[bool] = []
+
+    def work(conn: Any) -> None:
+        nonlocal calls
+        calls += 1
+        conn.cursor().execute(f"INSERT INTO {table} (id, v) VALUES (1, 'commit')")
+        if not once:
+            once.append(True)
+            raw = conn.driver_connection
+            sid = pg.server_id(raw)
+
+            def killer() -> None:
+                wait_until(lambda: server_is_running(pg, sid, "COMMIT"), what="COMMIT to run")
+                pg.kill(raw, wait=False)
+
+            threading.Thread(target=killer, daemon=True).start()
+
+    try:
+        with Pool(pg.connect, max_size=2, retry=FAST, ledger_table="ledger_commit_killed") as pool:
+            pool.run(work, request_id="order-1")
+            assert calls == 2  # the ledger said the first attempt did not commit
+            assert pool.stats().retries == 1
+        assert count(pg, table) == 1
+    finally:
+        pg.execute("DROP TABLE IF EXISTS ledger_commit_killed")

@@ -282,3 +282,22 @@ def test_retry_policy_validation() -> None:
     with pytest.raises(ValueError, match="deadline"):
         Retry(deadline=-1)
     assert not Retry.off().enabled and Retry.default().enabled
+
+
+def test_bad_connection_mid_work_is_retried_with_a_request_id(make_pool: Any, server: fakedb.Server) -> None:
+    pool = make_pool(retry=FAST)
+    seen: list[str] = []
+
+    class FakeLedger:
+        def committed(self, conn: Any, rid: str) -> bool:
+            seen.append("lookup")
+            return False
+
+        def record(self, conn: Any, rid: str) -> None:
+            seen.append("record")
+
+    pool.ledger = FakeLedger()
+    fn = Script(dead(), None)
+    assert pool.run(fn, request_id="r3") == "ok"
+    assert fn.calls == 2
+    assert seen == ["lookup", "lookup", "record"]  # the lookup ran before the second attempt

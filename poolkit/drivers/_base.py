@@ -72,6 +72,10 @@ class Driver:
         """One of IDLE, IN_TRANSACTION, UNKNOWN, BROKEN."""
         return UNKNOWN
 
+    def rollback(self, conn: Any) -> None:
+        """Roll back the connection's open transaction (on return to the pool)."""
+        conn.rollback()
+
     def ping(self, conn: Any, timeout: float) -> None:
         """Raise if the connection is not usable. A generic driver gives no
         way to bound the wait, so ``timeout`` is advisory here."""

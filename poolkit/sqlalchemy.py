@@ -1,0 +1,382 @@
+"""poolkit under any SQLAlchemy engine.
+
+Two ways in:
+
+- ``create_engine(url, poolclass=PoolkitPool, pool_size=10, poolkit_options={...})``;
+- the plugin, registered under the ``sqlalchemy.plugins`` entry point as
+  ``poolkit``: ``create_engine("postgresql+psycopg://...?plugin=poolkit")`` or
+  ``create_engine(url, plugins=["poolkit"], poolkit_max_size=20)``. Options
+  named ``poolkit_<option>`` (keyword arguments or URL query parameters) map
+  onto :class:`poolkit.Pool` options and never reach the driver.
+
+The plugin also installs the error listener (:func:`instrument` does it for
+an engine built with ``poolclass=``): ``BAD_CONNECTION`` and ``NOT_LEADER``
+become disconnects; ``NOT_LEADER`` invalidates the whole pool, so a
+read-only node after a failover heals the engine; a connection lost during
+COMMIT reaches the caller as :class:`poolkit.AmbiguousCommitError`.
+
+poolkit's liveness probe replaces ``pool_pre_ping``'s round trip; a real
+ping still runs after ``ping_after`` seconds idle.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from sqlalchemy import event, exc, text
+from sqlalchemy.engine import CreateEnginePlugin, Engine
+from sqlalchemy.engine.url import URL
+from sqlalchemy.pool import Pool as SAPool
+from sqlalchemy.pool.base import _ConnectionRecord
+
+from poolkit.classify import Category, classify
+from poolkit.drivers import BROKEN, Driver, driver_for_connection
+from poolkit.errors import AmbiguousCommitError, PoolError, PoolTimeout
+from poolkit.pool import Pool, PooledConnection
+from poolkit.retry import Retry, _policy_from, make_retrying, safe_to_retry
+
+__all__ = ["PoolkitPlugin", "PoolkitPool", "instrument", "run"]
+
+logger = logging.getLogger("poolkit.sqlalchemy")
+
+T = TypeVar("T")
+
+PREFIX = "poolkit_"
+# Pool options a plugin may set: every keyword of poolkit.Pool but these
+_NOT_OPTIONS = {"connect", "driver", "clock"}
+POOL_OPTIONS = frozenset(p for p in inspect.signature(Pool.__init__).parameters if p not in _NOT_OPTIONS | {"self"})
+
+
+class _RecordDriver(Driver):
+    """poolkit's pool holds SQLAlchemy connection records; every question about
+    one goes to the driver of the DBAPI connection inside it."""
+
+    name = "sqlalchemy"
+
+    @staticmethod
+    def _inner(rec: Any) -> tuple[Any, Driver]:
+        conn = rec.dbapi_connection
+        return conn, driver_for_connection(conn)
+
+    def socket_fd(self, conn: Any) -> int | None:
+        if conn.dbapi_connection is None:
+            return None
+        raw, d = self._inner(conn)
+        return d.socket_fd(raw)
+
+    def transaction_state(self, conn: Any) -> int:
+        if conn.dbapi_connection is None:
+            return BROKEN  # invalidated by SQLAlchemy
+        raw, d = self._inner(conn)
+        return d.transaction_state(raw)
+
+    def rollback(self, conn: Any) -> None:
+        conn.dbapi_connection.rollback()
+
+    def ping(self, conn: Any, timeout: float) -> None:
+        raw, d = self._inner(conn)
+        d.ping(raw, timeout)
+
+    def reset_session(self, conn: Any) -> None:
+        raw, d = self._inner(conn)
+        d.reset_session(raw)
+
+    def is_broken(self, conn: Any) -> bool:
+        if conn.dbapi_connection is None:
+            return True
+        raw, d = self._inner(conn)
+        return d.is_broken(raw)
+
+    def check_config(self, conn: Any) -> None:
+        raw, d = self._inner(conn)
+        d.check_config(raw)
+
+
+class PoolkitPool(SAPool):
+    """A SQLAlchemy pool backed by :class:`poolkit.Pool`.
+
+    ``pool_size + max_overflow`` is poolkit's ``max_size``, ``timeout`` its
+    ``timeout`` and ``recycle`` its ``max_lifetime``; ``poolkit_options``
+    passes any other :class:`poolkit.Pool` option. SQLAlchemy's pool events
+    (connect, checkout, checkin, reset, invalidate, close) fire as they do
+    with ``QueuePool``.
+    """
+
+    def __init__(
+        self,
+        creator: Any,
+        pool_size: int = 10,
+        max_overflow: int = 0,
+        timeout: float = 30.0,
+        recycle: int = -1,
+        poolkit_options: dict[str, Any] | None = None,
+        **kw: Any,
+    ) -> None:
+        super().__init__(creator, recycle=-1, **kw)  # poolkit retires old connections itself
+        options = dict(poolkit_options or {})
+        unknown = set(options) - POOL_OPTIONS
+        if unknown:
+            raise exc.ArgumentError(f"unknown poolkit option(s): {', '.join(sorted(unknown))}")
+        options.setdefault("max_size", pool_size + max_overflow)
+        options.setdefault("timeout", timeout)
+        if recycle is not None and recycle > 0:
+            options.setdefault("max_lifetime", recycle)
+        options.setdefault("name", self._orig_logging_name or "sqlalchemy")
+        self._args = (pool_size, max_overflow, timeout, recycle, poolkit_options)
+        self.poolkit = Pool(self._new_record, driver=_RecordDriver(), **options)
+        self._checked_out: dict[Any, PooledConnection] = {}
+
+    def _new_record(self) -> _ConnectionRecord:
+        return _ConnectionRecord(self)  # fires SQLAlchemy's connect / first_connect events
+
+    def _do_get(self) -> Any:
+        try:
+            proxy = self.poolkit.acquire()
+        except PoolTimeout as e:
+            raise exc.TimeoutError(f"{e} (poolkit)", code="3o7r") from e
+        rec = proxy.driver_connection
+        self._checked_out[rec] = proxy
+        return rec
+
+    def _do_return_conn(self, record: Any) -> None:
+        proxy = self._checked_out.pop(record, None)
+        if proxy is not None:
+            proxy.close()
+
+    def _invalidate(self, connection: Any, exception: BaseException | None = None, _checkin: bool = True) -> None:
+        # the whole pool, by generation: what NOT_LEADER needs after a failover
+        self.poolkit.invalidate()
+        if _checkin and getattr(connection, "is_valid", False):
+            connection.invalidate(exception)
+
+    def dispose(self) -> None:
+        self.poolkit.close(timeout=0)
+
+    def recreate(self) -> PoolkitPool:
+        pool_size, max_overflow, timeout, recycle, options = self._args
+        return self.__class__(
+            self._creator,
+            pool_size=pool_size,
+            max_overflow=max_overflow,
+            timeout=timeout,
+            recycle=recycle,
+            poolkit_options=options,
+            pre_ping=self._pre_ping,
+            echo=self.echo,
+            logging_name=self._orig_logging_name,
+            reset_on_return=self._reset_on_return,
+            _dispatch=self.dispatch,
+            dialect=self._dialect,
+        )
+
+    def status(self) -> str:
+        return f"PoolkitPool {self.poolkit!r} {self.poolkit.stats()}"
+
+
+def _parse(value: Any) -> Any:
+    """A URL query value as the Python value a Pool option wants."""
+    if isinstance(value, tuple):
+        value = value[-1]
+    if not isinstance(value, str):
+        return value
+    low = value.strip().lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+class PoolkitPlugin(CreateEnginePlugin):
+    """``create_engine(url, plugins=["poolkit"], poolkit_max_size=20)``."""
+
+    def __init__(self, url: URL, kwargs: dict[str, Any]) -> None:
+        super().__init__(url, kwargs)
+        options: dict[str, Any] = {}
+        for key in list(kwargs):
+            if key.startswith(PREFIX):
+                options[key[len(PREFIX) :]] = kwargs.pop(key)
+        for key, value in url.query.items():
+            if key.startswith(PREFIX):
+                options.setdefault(key[len(PREFIX) :], _parse(value))
+        unknown = set(options) - POOL_OPTIONS
+        if unknown:
+            raise exc.ArgumentError(
+                "unknown poolkit option(s): "
+                + ", ".join(PREFIX + u for u in sorted(unknown))
+                + f"; known: {', '.join(sorted(PREFIX + o for o in POOL_OPTIONS))}"
+            )
+        self.options = options
+        if "poolclass" not in kwargs and "pool" not in kwargs:
+            kwargs["poolclass"] = PoolkitPool
+
+    def update_url(self, url: URL) -> URL:
+        return url.difference_update_query([k for k in url.query if k.startswith(PREFIX)])
+
+    def handle_pool_kwargs(self, pool_cls: type, pool_args: dict[str, Any]) -> None:
+        if isinstance(pool_cls, type) and issubclass(pool_cls, PoolkitPool):
+            pool_args["poolkit_options"] = {**self.options, **(pool_args.get("poolkit_options") or {})}
+
+    def engine_created(self, engine: Engine) -> None:
+        instrument(engine)
+
+
+_COMMITTING = "poolkit_committing"
+
+
+def instrument(engine: Engine) -> Engine:
+    """Install poolkit's error handling on ``engine`` (the plugin does it for you)."""
+    if getattr(engine, "_poolkit_instrumented", False):
+        return engine
+    engine._poolkit_instrumented = True  # type: ignore[attr-defined]
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Any) -> None:
+        conn.info.pop(_COMMITTING, None)
+
+    @event.listens_for(engine, "commit")
+    def _commit(conn: Any) -> None:
+        conn.info[_COMMITTING] = True
+
+    @event.listens_for(engine, "handle_error")
+    def _handle_error(ctx: Any) -> BaseException | None:
+        original = ctx.original_exception
+        if original is None or ctx.is_pre_ping:
+            return None
+        committing = False
+        if ctx.connection is not None and ctx.statement is None:
+            try:
+                committing = bool(ctx.connection.info.pop(_COMMITTING, False))
+            except Exception:
+                committing = False
+        c = classify(original, during_commit=committing)
+        if c.category in (Category.BAD_CONNECTION, Category.NOT_LEADER, Category.AMBIGUOUS):
+            ctx.is_disconnect = True
+            # only NOT_LEADER retires every connection: the others point at the same old leader
+            ctx.invalidate_pool_on_disconnect = c.category is Category.NOT_LEADER
+            if c.category is Category.NOT_LEADER:
+                logger.warning("engine %s: %s; invalidating the pool", engine.url.render_as_string(), c.reason)
+        if c.category is Category.AMBIGUOUS and not isinstance(original, AmbiguousCommitError):
+            return AmbiguousCommitError(
+                f"the outcome of the commit is unknown ({c.reason}): it may or may not have been applied"
+            )
+        return None
+
+    return engine
+
+
+def _engine_of(bind: Any) -> Engine:
+    if isinstance(bind, Engine):
+        return bind
+    kw = getattr(bind, "kw", None)  # a sessionmaker
+    if kw and isinstance(kw.get("bind"), Engine):
+        return kw["bind"]  # type: ignore[no-any-return]
+    raise TypeError(f"run() takes an Engine or a sessionmaker bound to one, not {type(bind).__name__}")
+
+
+def run(
+    bind: Any,
+    fn: Callable[[Any], T],
+    *,
+    idempotent: bool = False,
+    request_id: str | None = None,
+    retry: Retry | bool | None = None,
+    ledger_table: str = "poolkit_requests",
+) -> T:
+    """Run ``fn`` in a transaction under poolkit's retry rules (the same
+    categories, bounds, ``idempotent=`` and ``request_id=`` as ``pool.run``).
+
+    ``bind`` is an ``Engine`` (``fn`` gets a ``Connection``) or a
+    ``sessionmaker`` (``fn`` gets a ``Session``; the unit of work is flushed
+    and committed after ``fn`` returns).
+    """
+    from poolkit.retry import Ledger
+
+    engine = _engine_of(bind)
+    pk: Pool | None = getattr(engine.pool, "poolkit", None)
+    policy = _policy_from(pk.retry if pk is not None else Retry.default(), retry)
+    ledger = Ledger(ledger_table) if request_id is not None else None
+    is_session = not isinstance(bind, Engine)
+    stage = ["checkout"]
+    ready = [False]
+
+    def should_retry(e: BaseException) -> bool:
+        if isinstance(e, (PoolError, exc.TimeoutError)) and not isinstance(e, AmbiguousCommitError):
+            return False
+        c = classify(e, during_commit=stage[0] == "commit")
+        return safe_to_retry(c.category, stage[0], idempotent=idempotent, request_id=request_id)
+
+    def before_sleep(rs: Any) -> None:
+        if pk is not None:
+            pk._count_retry()
+        e = rs.outcome.exception() if rs.outcome is not None else None
+        c = classify(e) if e is not None else None
+        logger.warning(
+            "engine: attempt %d of %d failed at %s (%s); retrying in %.2fs",
+            rs.attempt_number,
+            policy.attempts,
+            stage[0],
+            f"{c.category.name}: {c.reason}" if c else e,
+            rs.upcoming_sleep,
+        )
+
+    def ledger_sql(sql: str) -> Any:
+        assert ledger is not None
+        return text(sql.format(table=ledger.table))
+
+    record = "INSERT INTO {table} (request_id) VALUES (:rid)"
+
+    for attempt in make_retrying(policy, should_retry, before_sleep):
+        with attempt:
+            stage[0] = "checkout"
+            if ledger is not None:
+                with engine.begin() as conn:
+                    if not ready[0]:
+                        conn.execute(
+                            ledger_sql(
+                                "CREATE TABLE IF NOT EXISTS {table} (request_id VARCHAR(200) NOT NULL PRIMARY KEY, "
+                                "created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP)"
+                            )
+                        )
+                        ready[0] = True
+                    found = conn.execute(
+                        ledger_sql("SELECT 1 FROM {table} WHERE request_id = :rid"), {"rid": request_id}
+                    ).first()
+                if found is not None:
+                    return None  # type: ignore[return-value]
+            if is_session:
+                session = bind()
+                try:
+                    stage[0] = "work"
+                    session.begin()
+                    result = fn(session)
+                    session.flush()
+                    if ledger is not None:
+                        session.execute(
+                            ledger_sql("INSERT INTO {table} (request_id) VALUES (:rid)"), {"rid": request_id}
+                        )
+                    stage[0] = "commit"
+                    session.commit()
+                    return result
+                finally:
+                    session.close()
+            with engine.connect() as conn:
+                stage[0] = "work"
+                conn.begin()
+                result = fn(conn)
+                if ledger is not None:
+                    conn.execute(ledger_sql(record), {"rid": request_id})
+                stage[0] = "commit"
+                conn.commit()
+                return result
+    raise AssertionError("unreachable")  # pragma: no cover

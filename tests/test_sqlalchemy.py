@@ -1,0 +1,230 @@
+"""The SQLAlchemy plugin on real databases."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+from backends import MYSQL_ARGS, PG_DSN
+from sqlalchemy import Column, Integer, String, create_engine, event, exc, text
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.pool import QueuePool
+
+import poolkit
+import poolkit.sqlalchemy as pksa
+
+pytestmark = pytest.mark.integration
+
+_ids = itertools.count()
+
+
+def url_for(backend: Any, tmp_path: Any) -> str:
+    if backend.name == "sqlite":
+        return f"sqlite:///{tmp_path}/sa.db"
+    if backend.name == "postgresql":
+        parts = dict(p.split("=", 1) for p in PG_DSN.split())
+        return f"postgresql+psycopg://{parts['user']}@{parts['host']}:{parts['port']}/{parts['dbname']}"
+    a = MYSQL_ARGS
+    return f"mysql+pymysql://{a['user']}:{a['password']}@{a['host']}:{a['port']}/{a['database']}"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Item(Base):
+    __tablename__ = "poolkit_items"
+    id = Column(Integer, primary_key=True, autoincrement=False)
+    name = Column(String(50))
+
+
+@pytest.fixture
+def engine(backend: Any, tmp_path: Any) -> Any:
+    eng = create_engine(url_for(backend, tmp_path) + "?plugin=poolkit&poolkit_max_size=4")
+    Base.metadata.drop_all(eng)
+    Base.metadata.create_all(eng)
+    yield eng
+    Base.metadata.drop_all(eng)
+    eng.dispose()
+
+
+def test_plugin_is_found_through_its_entry_point(engine: Any) -> None:
+    assert isinstance(engine.pool, pksa.PoolkitPool)
+    assert engine.pool.poolkit.max_size == 4
+    assert "poolkit" not in str(engine.url)  # options never reach the driver
+
+
+def test_core_and_orm_round_trips(engine: Any) -> None:
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO poolkit_items (id, name) VALUES (1, 'core')"))
+    with Session(engine) as s, s.begin():
+        s.add(Item(id=2, name="orm"))
+    with Session(engine) as s:
+        assert sorted(i.name for i in s.query(Item)) == ["core", "orm"]
+    st = engine.pool.poolkit.stats()
+    assert st.acquired >= 3 and st.open <= 4
+    assert "PoolkitPool" in engine.pool.status()
+
+
+def test_keyword_options_and_unknown_options(backend: Any, tmp_path: Any) -> None:
+    eng = create_engine(url_for(backend, tmp_path), plugins=["poolkit"], poolkit_max_size=2, poolkit_ping_after=5)
+    try:
+        assert eng.pool.poolkit.max_size == 2 and eng.pool.poolkit._ping_after == 5
+    finally:
+        eng.dispose()
+    with pytest.raises(exc.ArgumentError, match=r"unknown poolkit option.*poolkit_max_sise"):
+        create_engine(url_for(backend, tmp_path), plugins=["poolkit"], poolkit_max_sise=2)
+    with pytest.raises(exc.ArgumentError, match="unknown poolkit option"):
+        create_engine(url_for(backend, tmp_path) + "?plugin=poolkit&poolkit_nope=1")
+
+
+def test_poolclass_route(backend: Any, tmp_path: Any) -> None:
+    eng = create_engine(url_for(backend, tmp_path), poolclass=pksa.PoolkitPool, pool_size=3, pool_timeout=7)
+    try:
+        assert eng.pool.poolkit.max_size == 3 and eng.pool.poolkit._timeout == 7
+        with eng.connect() as c:
+            assert c.execute(text("SELECT 1")).scalar() == 1
+        eng.dispose()  # engine.dispose() recreates the pool
+        with eng.connect() as c:
+            assert c.execute(text("SELECT 1")).scalar() == 1
+        assert isinstance(eng.pool, pksa.PoolkitPool)
+    finally:
+        eng.dispose()
+
+
+def test_server_killed_idle_connection_is_never_handed_to_a_session(net_backend: Any, tmp_path: Any) -> None:
+    eng = create_engine(url_for(net_backend, tmp_path) + "?plugin=poolkit")
+    try:
+        with Session(eng) as s:
+            s.execute(text("SELECT 1"))
+            victim = s.connection().connection.dbapi_connection
+        net_backend.kill(victim)
+        with Session(eng) as s:  # no error reaches the application
+            assert s.execute(text("SELECT 1")).scalar() == 1
+            assert s.connection().connection.dbapi_connection is not victim
+        assert eng.pool.poolkit.stats().closed_bad == 1
+    finally:
+        eng.dispose()
+
+
+def test_read_only_after_failover_invalidates_the_pool_and_heals(net_backend: Any, tmp_path: Any) -> None:
+    eng = create_engine(url_for(net_backend, tmp_path) + "?plugin=poolkit&poolkit_max_size=3")
+    Base.metadata.drop_all(eng)
+    Base.metadata.create_all(eng)
+    ro = (
+        "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"
+        if net_backend.name == "postgresql"
+        else "SET SESSION TRANSACTION READ ONLY"
+    )
+    try:
+        # every pooled connection points at the "demoted primary"
+        conns = [eng.connect() for _ in range(3)]
+        for c in conns:
+            c.execute(text(ro))
+            c.commit()
+        for c in conns:
+            c.close()
+        with pytest.raises(exc.DBAPIError) as info:  # the first write fails with the read-only error
+            with Session(eng) as s, s.begin():
+                s.add(Item(id=1, name="x"))
+        assert poolkit.classify(info.value).category is poolkit.Category.NOT_LEADER
+        assert eng.pool.poolkit.stats().generation == 1  # the whole pool was invalidated
+        with Session(eng) as s, s.begin():  # the next write succeeds on a fresh connection
+            s.add(Item(id=2, name="after"))
+        with Session(eng) as s:
+            assert [i.id for i in s.query(Item)] == [2]
+    finally:
+        Base.metadata.drop_all(eng)
+        eng.dispose()
+
+
+def _event_log(engine: Any) -> list[str]:
+    log: list[str] = []
+    for name in ("connect", "first_connect", "checkout", "checkin", "reset", "invalidate", "close"):
+
+        def listener(*args: Any, _n: str = name) -> None:
+            log.append(_n)
+
+        event.listen(engine.pool, name, listener)
+    return log
+
+
+def test_pool_events_fire_as_with_queuepool(tmp_path: Any, sqlite_backend: Any) -> None:
+    def sequence(poolclass: Any, path: str) -> list[str]:
+        eng = create_engine(f"sqlite:///{path}", poolclass=poolclass, pool_size=2)
+        log = _event_log(eng)
+        c = eng.connect()
+        c.execute(text("SELECT 1"))
+        c.close()
+        c = eng.connect()
+        c.invalidate()
+        c.close()
+        c = eng.connect()
+        c.execute(text("SELECT 1"))
+        c.close()
+        eng.dispose()
+        return log
+
+    expected = sequence(QueuePool, str(tmp_path / "q.db"))
+    got = sequence(pksa.PoolkitPool, str(tmp_path / "p.db"))
+    assert got == expected
+    assert expected.count("connect") == 2 and "invalidate" in expected
+
+
+def test_retry_helper_survives_a_kill_between_attempts_and_never_applies_twice(pg: Any, tmp_path: Any) -> None:
+    eng = create_engine(url_for(pg, tmp_path) + "?plugin=poolkit", pool_reset_on_return=None)
+    Base.metadata.drop_all(eng)
+    Base.metadata.create_all(eng)
+    SessionF = sessionmaker(bind=eng)
+    try:
+        calls = 0
+
+        def add(session: Session) -> None:
+            nonlocal calls
+            calls += 1
+            session.add(Item(id=7, name="once"))
+            session.flush()
+            if calls == 1:
+                pg.kill(session.connection().connection.dbapi_connection)  # the commit will find it dead
+
+        # non-idempotent, no request id: the outcome is unknown, so nothing is retried
+        with pytest.raises(poolkit.AmbiguousCommitError):
+            pksa.run(SessionF, add, retry=poolkit.Retry(attempts=5, initial_backoff=0.01))
+        assert calls == 1
+        with Session(eng) as s:
+            assert s.query(Item).count() == 0  # the server rolled it back
+        # with a request id the same thing is retried safely: exactly one row
+        calls = 0
+        rid = f"sa-{next(_ids)}-{id(eng)}"
+        pksa.run(SessionF, add, request_id=rid, retry=poolkit.Retry(attempts=5, initial_backoff=0.01))
+        assert calls == 2
+        assert pksa.run(SessionF, add, request_id=rid) is None  # a finished id never runs again
+        assert calls == 2
+        with Session(eng) as s:
+            assert [i.name for i in s.query(Item)] == ["once"]
+    finally:
+        Base.metadata.drop_all(eng)
+        with eng.begin() as c:
+            c.execute(text("DROP TABLE IF EXISTS poolkit_requests"))
+        eng.dispose()
+
+
+def test_retry_helper_retries_idempotent_core_work(net_backend: Any, tmp_path: Any) -> None:
+    eng = create_engine(url_for(net_backend, tmp_path) + "?plugin=poolkit")
+    try:
+        calls = 0
+
+        def read(conn: Any) -> int:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                net_backend.kill(conn.connection.dbapi_connection)
+            return int(conn.execute(text("SELECT 41 + 1")).scalar())
+
+        assert pksa.run(eng, read, idempotent=True, retry=poolkit.Retry(attempts=4, initial_backoff=0.01)) == 42
+        assert calls == 2
+        with pytest.raises(TypeError, match="Engine or a sessionmaker"):
+            pksa.run("nope", read)
+    finally:
+        eng.dispose()
