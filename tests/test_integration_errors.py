@@ -155,26 +155,25 @@ def test_idempotent_work_killed_mid_way_is_retried_and_succeeds(net_backend: Any
     assert count(net_backend, table) == 1
 
 
-def test_connection_killed_during_commit_is_ambiguous_and_not_retried(pg: Any, table: str) -> None:
-    """A deferred constraint trigger makes COMMIT itself slow, so the server
-    kill lands inside COMMIT: the client cannot know whether it applied."""
+def slow_commit_work(pg: Any, table: str, seconds: int) -> tuple[Callable[[Any], None], list[int]]:
+    """Work whose COMMIT takes ``seconds`` (a deferred constraint trigger
+    sleeps in it) and whose first COMMIT is killed from the server while it
+    runs: the client cannot know whether it applied. Returns the work and a
+    one-item list counting its calls."""
     pg.execute(
         "CREATE OR REPLACE FUNCTION poolkit_slow_commit() RETURNS trigger LANGUAGE plpgsql AS "
-        "$$ BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$"
+        f"$$ BEGIN PERFORM pg_sleep({seconds}); RETURN NULL; END $$"
     )
     pg.execute(
         f"CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON {table} "
         "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION poolkit_slow_commit()"
     )
-    calls = 0
-    once: list[bool] = []
+    calls = [0]
 
     def work(conn: Any) -> None:
-        nonlocal calls
-        calls += 1
+        calls[0] += 1
         conn.cursor().execute(f"INSERT INTO {table} (id, v) VALUES (1, 'commit')")
-        if not once:
-            once.append(True)
+        if calls[0] == 1:
             raw = conn.driver_connection
             sid = pg.server_id(raw)
 
@@ -184,11 +183,19 @@ def test_connection_killed_during_commit_is_ambiguous_and_not_retried(pg: Any, t
 
             threading.Thread(target=killer, daemon=True).start()
 
+    return work, calls
+
+
+def test_connection_killed_during_commit_is_ambiguous_and_not_retried(pg: Any, table: str) -> None:
+    """A deferred constraint trigger makes COMMIT itself slow, so the server
+    kill lands inside COMMIT: the client cannot know whether it applied."""
+    work, calls = slow_commit_work(pg, table, 3)
+
     with Pool(pg.connect, max_size=2, retry=FAST) as pool:
         with pytest.raises(AmbiguousCommitError) as info:
             pool.run(work)
         assert classify(info.value.__cause__).category is Category.BAD_CONNECTION
-        assert calls == 1  # not retried: a blind retry could write twice
+        assert calls[0] == 1  # not retried: a blind retry could write twice
         assert pool.stats().closed_bad == 1
     assert count(pg, table) <= 1
 
@@ -578,37 +585,12 @@ def test_request_id_work_runs_once_on_every_backend(backend: Any, table: str) ->
 
 
 def test_commit_killed_with_a_request_id_lands_exactly_once(pg: Any, table: str) -> None:
-    pg.execute(
-        "CREATE OR REPLACE FUNCTION poolkit_slow_commit() RETURNS trigger LANGUAGE plpgsql AS "
-        "$$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$"
-    )
-    pg.execute(
-        f"CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON {table} "
-        "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION poolkit_slow_commit()"
-    )
     pg.execute("DROP TABLE IF EXISTS ledger_commit_killed")
-    calls = 0
-    once: list[bool] = []
-
-    def work(conn: Any) -> None:
-        nonlocal calls
-        calls += 1
-        conn.cursor().execute(f"INSERT INTO {table} (id, v) VALUES (1, 'commit')")
-        if not once:
-            once.append(True)
-            raw = conn.driver_connection
-            sid = pg.server_id(raw)
-
-            def killer() -> None:
-                wait_until(lambda: server_is_running(pg, sid, "COMMIT"), what="COMMIT to run")
-                pg.kill(raw, wait=False)
-
-            threading.Thread(target=killer, daemon=True).start()
-
+    work, calls = slow_commit_work(pg, table, 2)
     try:
         with Pool(pg.connect, max_size=2, retry=FAST, ledger_table="ledger_commit_killed") as pool:
             pool.run(work, request_id="order-1")
-            assert calls == 2  # the ledger said the first attempt did not commit
+            assert calls[0] == 2  # the ledger said the first attempt did not commit
             assert pool.stats().retries == 1
         assert count(pg, table) == 1
     finally:
