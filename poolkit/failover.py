@@ -7,6 +7,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from poolkit.drivers import driver_for_connection
+
 __all__ = ["failover"]
 
 logger = logging.getLogger("poolkit.failover")
@@ -35,9 +37,17 @@ def failover(*connects: Callable[[], Any]) -> Callable[[], Any]:
         last: BaseException | None = None
         for k in range(len(connects)):
             i = (start + k) % len(connects)
+            conn = None
             try:
                 conn = connects[i]()
+                # a driver that connects lazily has not met the server yet
+                driver_for_connection(conn).open(conn)
             except Exception as exc:
+                if conn is not None:
+                    try:
+                        conn.close()
+                    except Exception:
+                        pass
                 logger.info("failover: target %d of %d refused: %r", i + 1, len(connects), exc)
                 last = exc
                 continue

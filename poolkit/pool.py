@@ -136,6 +136,21 @@ class _Conn:
             pass
 
 
+class _AliveProbe:
+    """The liveness probe for a driver whose connections have no socket to
+    poll but can tell cheaply whether they are alive (``Driver.alive``).
+    Quacks like ``select.poll``: ``poll(0)`` is truthy when suspect."""
+
+    __slots__ = ("alive", "raw")
+
+    def __init__(self, alive: Callable[[Any], bool], raw: Any) -> None:
+        self.alive = alive
+        self.raw = raw
+
+    def poll(self, timeout: float) -> bool:
+        return not self.alive(self.raw)
+
+
 class _Waiter:
     """A caller waiting for a connection. ``lock`` is held until the pool
     serves the waiter: with a connection (``rec``), with the right to open
@@ -467,6 +482,7 @@ class Pool:
                 if self._driver is None:
                     self._driver = driver_for_connection(raw)
                     self._tx_state = self._driver.transaction_state
+                self._driver.open(raw)
                 if not self._driver_checked:
                     self._driver.check_config(raw)
                     self._driver_checked = True
@@ -502,6 +518,8 @@ class Pool:
             if fd is not None:
                 rec.poller = select.poll()
                 rec.poller.register(fd, _POLL_EVENTS)
+            elif type(self._driver).alive is not Driver.alive:
+                rec.poller = _AliveProbe(self._driver.alive, raw)
         with self._lock:
             self._opening -= 1
             self._created += 1

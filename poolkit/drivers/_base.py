@@ -68,6 +68,15 @@ class Driver:
             return fd if isinstance(fd, int) and fd >= 0 else None
         return None
 
+    def alive(self, conn: Any) -> bool:
+        """For drivers without a socket to poll (``socket_fd`` None): a check
+        that costs no round trip. The default says nothing (True)."""
+        return True
+
+    def open(self, conn: Any) -> None:
+        """Make sure a new connection really reached the server (for drivers
+        that connect lazily); raise if it did not."""
+
     def transaction_state(self, conn: Any) -> int:
         """One of IDLE, IN_TRANSACTION, UNKNOWN, BROKEN."""
         return UNKNOWN
