@@ -166,14 +166,8 @@ class Ledger:
         how many."""
         self._ensure(conn)
         driver = conn.pool._driver
-        name = driver.name if driver is not None else "generic"
-        ph = driver.placeholder(conn.driver_connection) if driver is not None else "?"
-        if name in ("sqlite3", "dqlite"):
-            cutoff, arg = f"datetime('now', {ph})", f"-{float(older_than)} seconds"
-        elif name == "pymysql":
-            cutoff, arg = f"CURRENT_TIMESTAMP - INTERVAL {ph} SECOND", str(float(older_than))
-        else:
-            cutoff, arg = f"CURRENT_TIMESTAMP - {ph} * INTERVAL '1 second'", str(float(older_than))
+        assert driver is not None
+        cutoff, arg = driver.ago(conn.driver_connection, older_than)
         cur = conn.cursor()
         try:
             cur.execute(f"DELETE FROM {self.table} WHERE created_at < {cutoff}", (arg,))

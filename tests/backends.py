@@ -23,6 +23,21 @@ MYSQL_ARGS: dict[str, Any] = {
 }
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+#: POOLKIT_TEST_DELAY=0.002 runs every integration test with that delay injected
+#: before every execute, fetch and commit (tox -e delays): races show up.
+DELAY = float(os.environ.get("POOLKIT_TEST_DELAY", "0") or 0)
+
+
+def with_delays(connect: Callable[[], Any]) -> Callable[[], Any]:
+    if not DELAY:
+        return connect
+    from poolkit.testing import Delay, Faulty
+
+    faulty = Faulty(connect)
+    for point in ("execute", "fetch", "commit"):
+        faulty.inject(point, Delay(DELAY, jitter=DELAY))
+    return faulty.connect
+
 
 def start_servers() -> None:
     """Start PostgreSQL / MariaDB if they are down (scripts/servers)."""
@@ -96,17 +111,17 @@ def postgresql() -> Backend:
     import psycopg
 
     admin = psycopg.connect(PG_DSN, autocommit=True, connect_timeout=3)
-    return Backend("postgresql", functools.partial(psycopg.connect, PG_DSN, connect_timeout=3), admin)
+    return Backend("postgresql", with_delays(functools.partial(psycopg.connect, PG_DSN, connect_timeout=3)), admin)
 
 
 def mariadb() -> Backend:
     import pymysql
 
     admin = pymysql.connect(**MYSQL_ARGS, autocommit=True, connect_timeout=3)
-    return Backend("mariadb", functools.partial(pymysql.connect, **MYSQL_ARGS, connect_timeout=3), admin)
+    return Backend("mariadb", with_delays(functools.partial(pymysql.connect, **MYSQL_ARGS, connect_timeout=3)), admin)
 
 
 def sqlite(path: str) -> Backend:
     connect = functools.partial(sqlite3.connect, path, check_same_thread=False, timeout=0.2)
     admin = sqlite3.connect(path, check_same_thread=False)
-    return Backend("sqlite", connect, admin)
+    return Backend("sqlite", with_delays(connect), admin, extra={"path": path})

@@ -500,7 +500,7 @@ def test_mariadb_lock_wait_timeout_is_retried(maria: Any, table: str) -> None:
 def test_sqlite_database_is_locked_is_retried(sqlite_backend: Any, table: str) -> None:
     import sqlite3
 
-    blocker = sqlite3.connect(sqlite_backend.connect.args[0], isolation_level=None, check_same_thread=False)
+    blocker = sqlite3.connect(sqlite_backend.extra["path"], isolation_level=None, check_same_thread=False)
     blocker.execute("BEGIN EXCLUSIVE")
     seen: list[BaseException] = []
     calls = 0

@@ -45,6 +45,7 @@ _BUILTIN = {
     "dqlitedbapi": "poolkit.drivers.dqlite",
     "dqliteclient": "poolkit.drivers.dqlite",
     "dqlitewire": "poolkit.drivers.dqlite",
+    "poolkit": "poolkit.testing.faults",  # connections wrapped by poolkit.testing.Faulty
 }
 
 _GENERIC = Driver()

@@ -125,6 +125,11 @@ class Driver:
         style = getattr(module, "paramstyle", "qmark")
         return {"qmark": "?", "numeric": ":1", "named": ":p1"}.get(style, "%s")
 
+    def ago(self, conn: Any, seconds: float) -> tuple[str, Any]:
+        """A SQL expression for "``seconds`` ago" with one parameter, and the
+        parameter (used to prune the request-id ledger). Standard SQL here."""
+        return f"CURRENT_TIMESTAMP - {self.placeholder(conn)} * INTERVAL '1 second'", str(float(seconds))
+
     def classify_one(self, exc: BaseException) -> tuple[str, str] | None:
         """Classify one exception of this driver (not its chain).
 

@@ -72,6 +72,9 @@ class DqliteDriver(Driver):
     def placeholder(self, conn: Any) -> str:
         return "?"
 
+    def ago(self, conn: Any, seconds: float) -> tuple[str, Any]:
+        return "datetime('now', ?)", f"-{float(seconds)} seconds"
+
     def is_broken(self, conn: Any) -> bool:
         return bool(conn.closed)
 

@@ -79,6 +79,9 @@ class PyMySQLDriver(Driver):
     def placeholder(self, conn: Any) -> str:
         return "%s"
 
+    def ago(self, conn: Any, seconds: float) -> tuple[str, Any]:
+        return "CURRENT_TIMESTAMP - INTERVAL %s SECOND", float(seconds)
+
     def is_broken(self, conn: Any) -> bool:
         return conn._sock is None
 

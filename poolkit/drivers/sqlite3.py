@@ -36,6 +36,9 @@ class SQLite3Driver(Driver):
     def placeholder(self, conn: Any) -> str:
         return "?"
 
+    def ago(self, conn: Any, seconds: float) -> tuple[str, Any]:
+        return "datetime('now', ?)", f"-{float(seconds)} seconds"
+
     def is_broken(self, conn: Any) -> bool:
         try:
             conn.total_changes  # noqa: B018 - raises on a closed connection
