@@ -377,15 +377,13 @@ class Pool:
         if rec is not None:
             # the hot path: a fresh, current connection whose socket is quiet
             now = self._clock()
-            if (
-                now < rec.fresh_until
-                and now < rec.ping_at
-                and rec.generation == self._generation
-                and not self._slow_checkout
-                and (rec.poller is None or not rec.poller.poll(0))
-            ):
-                return PooledConnection(self, rec)
-            reason = self._check_out(rec)
+            if now < rec.fresh_until and now < rec.ping_at and rec.generation == self._generation:
+                suspect = rec.poller is not None and bool(rec.poller.poll(0))
+                if not suspect and not self._slow_checkout:
+                    return PooledConnection(self, rec)
+            else:
+                suspect = None  # not probed yet
+            reason = self._check_out(rec, suspect)
             if reason is None:
                 return PooledConnection(self, rec)
             self._discard(rec, reason, checked_out=True)
@@ -528,11 +526,7 @@ class Pool:
             if not stale:
                 self._take_locked(rec)
                 return rec
-            self._open -= 1
-            self._closed_total += 1
-            self._closed_by["invalidated"] += 1
-            self._grant_locked()
-        self._retire(rec)  # opened before an invalidate(): never handed out
+        self._retire(rec, "invalidated")  # opened before an invalidate(): never handed out
         if self._closed:
             raise PoolClosed(f"pool {self.name!r} is closed")
         return None
@@ -552,21 +546,21 @@ class Pool:
                 slot = True
                 if self._open >= self._max_size:
                     victim = self._idle.pop(0)  # oldest; its slot becomes ours
-                    self._closed_total += 1
                 else:
                     self._open += 1
                 self._opening += 1
         if not slot:
             return self.acquire(timeout)
         if victim is not None:
-            self._retire(victim)
+            self._retire(victim, "refreshed", keep_slot=True)
         rec = self._open_in_slot(deadline)
         if rec is not None:
             return PooledConnection(self, rec)
         return self.acquire(max(0.0, deadline - time.monotonic()))
 
-    def _check_out(self, rec: _Conn) -> str | None:
-        """Checks before handing ``rec`` out; the reason to discard it, or None."""
+    def _check_out(self, rec: _Conn, suspect: bool | None = None) -> str | None:
+        """Checks before handing ``rec`` out; the reason to discard it, or None.
+        ``suspect``: what the liveness probe said already (None: not run yet)."""
         now = self._clock()
         if rec.generation != self._generation:
             return "invalidated"
@@ -575,7 +569,8 @@ class Pool:
         if now - rec.last_used > self._max_idle_time:
             return "idle"
         raw = rec.raw
-        suspect = rec.poller is not None and rec.poller.poll(0)
+        if suspect is None:
+            suspect = rec.poller is not None and bool(rec.poller.poll(0))
         if suspect or (self._ping_hook and now - rec.last_used >= self._ping_after):
             if not self._ping_hook:
                 return "bad"  # readable or hung up while idle, and no ping to ask
@@ -668,11 +663,8 @@ class Pool:
                 else:
                     reason = "idle"
             self._in_use -= 1
-            self._forget_locked(reason)
-            if self._closed and not self._in_use:
-                self._returned.notify_all()
         self._log_discard(rec, reason)
-        self._retire(rec)
+        self._retire(rec, reason)
 
     def _discard(self, rec: _Conn, reason: str, *, checked_out: bool) -> None:
         with self._lock:
@@ -681,19 +673,8 @@ class Pool:
                 if self._out is not None:
                     self._out.discard(rec)
                 self._acquired -= 1  # it was never handed out
-            self._forget_locked(reason)
-            if self._closed and not self._in_use:
-                self._returned.notify_all()
         self._log_discard(rec, reason)
-        self._retire(rec)
-
-    def _forget_locked(self, reason: str) -> None:
-        """A connection is leaving the pool (the caller closes it, unlocked)."""
-        self._open -= 1
-        self._closed_total += 1
-        if reason in self._closed_by:
-            self._closed_by[reason] += 1
-        self._grant_locked()
+        self._retire(rec, reason)
 
     def _grant_locked(self) -> None:
         """Slots freed: let the oldest waiters open connections in them."""
@@ -715,10 +696,24 @@ class Pool:
         elif logger.isEnabledFor(logging.DEBUG):
             logger.debug("pool %r: closing connection %d (%s)", self.name, rec.id, reason)
 
-    def _retire(self, rec: _Conn) -> None:
-        """Close a connection the pool lets go of on purpose."""
+    def _retire(self, rec: _Conn, reason: str, *, keep_slot: bool = False) -> None:
+        """Close a connection the pool lets go of, then give up its slot.
+
+        The slot is freed only once the close has returned, so that at no
+        moment are more than ``max_size`` connections open (a waiter granted
+        the slot would otherwise connect while this one is still closing).
+        ``keep_slot``: the caller opens a replacement in it."""
         rec.retired = True
         self._close_raw(rec.raw)
+        with self._lock:
+            self._closed_total += 1
+            if reason in self._closed_by:
+                self._closed_by[reason] += 1
+            if not keep_slot:
+                self._open -= 1
+                self._grant_locked()
+            if self._closed and not self._in_use:
+                self._returned.notify_all()
 
     def _close_raw(self, raw: Any) -> None:
         try:
@@ -784,12 +779,10 @@ class Pool:
         with self._lock:
             self._generation += 1
             idle, self._idle = self._idle, []
-            for _ in idle:
-                self._forget_locked("invalidated")
             generation = self._generation
         logger.info("pool %r: invalidated (generation %d); closing %d idle", self.name, generation, len(idle))
         for rec in idle:
-            self._retire(rec)
+            self._retire(rec, "invalidated")
 
     def resize(self, max_size: int) -> None:
         """Change ``max_size``. Growing lets waiters open connections at once;
@@ -801,12 +794,11 @@ class Pool:
                 raise ValueError(f"max_size ({max_size}) must not be below min_size ({self._min_size})")
             self._max_size = max_size
             self._max_idle = min(self._max_idle, max_size)
-            while self._open > max_size and self._idle:
-                closing.append(self._idle.pop(0))  # oldest first
-                self._forget_locked("resized")
+            excess = min(len(self._idle), max(0, self._open - max_size))
+            closing, self._idle = self._idle[:excess], self._idle[excess:]  # oldest first
             self._grant_locked()
         for rec in closing:
-            self._retire(rec)
+            self._retire(rec, "resized")
 
     def close(self, timeout: float = 5.0) -> None:
         """Close the pool: waiters get :class:`PoolClosed`, idle connections are
@@ -817,8 +809,6 @@ class Pool:
                 return
             self._closed = True
             idle, self._idle = self._idle, []
-            for _ in idle:
-                self._forget_locked("closed")
             waiters = list(self._waiters)
             self._waiters.clear()
             for waiter in waiters:
@@ -826,7 +816,7 @@ class Pool:
                 waiter.lock.release()
         self._stop.set()
         for rec in idle:
-            self._retire(rec)
+            self._retire(rec, "closed")
         maintainer = self._maintainer
         if maintainer is not None and maintainer is not threading.current_thread() and maintainer.is_alive():
             maintainer.join(timeout)
@@ -877,15 +867,14 @@ class Pool:
                 else:
                     keep.append(rec)
             self._idle = keep
-            for _, reason in closing:
-                self._forget_locked(reason)
-            missing = max(0, self._min_size - self._open)
-            self._open += missing
-            self._opening += missing
             leak_check = list(self._out) if self._out is not None else []
         for rec, reason in closing:
             self._log_discard(rec, reason)
-            self._retire(rec)
+            self._retire(rec, reason)
+        with self._lock:  # top up to min_size once the expired ones are gone
+            missing = 0 if self._closed else max(0, self._min_size - self._open)
+            self._open += missing
+            self._opening += missing
         self._reclaim_orphans()
         for rec in leak_check:
             self._check_leak(rec, now)
