@@ -103,6 +103,15 @@ def test_sqlite_busy_and_closed() -> None:
     assert classify(info.value).category is Category.BAD_CONNECTION
 
 
+def test_psycopg_client_side_errors_are_bad_connection() -> None:
+    import psycopg
+
+    for msg in ("connection socket closed", "consuming input failed: EOF", "server closed the connection"):
+        assert classify(psycopg.OperationalError(msg)).category is Category.BAD_CONNECTION, msg
+    assert classify(psycopg.InterfaceError("the connection is closed")).category is Category.BAD_CONNECTION
+    assert classify(psycopg.errors.SerializationFailure("x")).category is Category.RETRYABLE
+
+
 def test_generic_driver_messages() -> None:
     class OperationalError(Exception):
         pass

@@ -108,12 +108,12 @@ class PsycopgDriver(Driver):
                     return ("PERMANENT", "syntax")
                 # the server answered, so the connection works
                 return ("PERMANENT", "server_error")
-            if isinstance(exc, psycopg.errors.ConnectionTimeout):
+            if isinstance(exc, psycopg.OperationalError):
+                # no SQLSTATE: raised by libpq on the client side, not by the server
+                # ("consuming input failed", "connection socket closed", timeouts...)
                 return ("BAD_CONNECTION", "network")
-            if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
-                text = str(exc).lower()
-                if "consuming input failed" in text or "sending query" in text or "is closed" in text:
-                    return ("BAD_CONNECTION", "network")
+            if isinstance(exc, psycopg.InterfaceError) and "closed" in str(exc).lower():
+                return ("BAD_CONNECTION", "closed")
         return classify_generic(exc)
 
 

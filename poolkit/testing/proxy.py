@@ -30,8 +30,16 @@ _LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
 
 
 def _rst(sock: socket.socket) -> None:
+    """Reset the connection. close() alone does not do it while another thread
+    is blocked in recv() on the socket (Linux keeps the socket alive for that
+    call, and nothing is sent): shutdown() wakes the reader first, and with a
+    zero linger the last close sends the RST."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+    except OSError:
+        pass
+    try:
+        sock.shutdown(socket.SHUT_RD)
     except OSError:
         pass
     try:
@@ -136,6 +144,10 @@ class ChaosProxy:
 
     def stop(self) -> None:
         self._stopped.set()
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept(); close() alone would not
+        except OSError:
+            pass
         try:
             self._listener.close()
         except OSError:
