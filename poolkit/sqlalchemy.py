@@ -67,6 +67,16 @@ class _RecordDriver(Driver):
         raw, d = self._inner(conn)
         return d.socket_fd(raw)
 
+    def alive(self, conn: Any) -> bool:
+        if conn.dbapi_connection is None:
+            return False
+        raw, d = self._inner(conn)
+        return d.alive(raw)
+
+    def open(self, conn: Any) -> None:
+        raw, d = self._inner(conn)
+        d.open(raw)
+
     def transaction_state(self, conn: Any) -> int:
         if conn.dbapi_connection is None:
             return BROKEN  # invalidated by SQLAlchemy

@@ -79,9 +79,10 @@ class _Link:
                     time.sleep(delay)
                 if to_server:
                     cut = p._take_cut(data)
-                    dst.sendall(data)
                     if cut:
-                        self.muted = True  # the request went through; its reply never comes back
+                        self.muted = True  # before sending: on loopback the reply can be back at once
+                    dst.sendall(data)
+                    if cut:  # the request went through; its reply never comes back
                         time.sleep(p._cut_grace)
                         self.kill()
                         return
