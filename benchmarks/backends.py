@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import os
 import sqlite3
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +29,8 @@ class Backend:
     dsn: str = ""
     admin: Any = None
     kills: bool = False  # whether the server can kill a connection
+    ph: str = "%s"  # the driver's parameter marker
+    cluster: Any = None  # dqlite: the DqliteCluster
 
     def server_id(self, raw: Any) -> int:
         if self.name == "postgresql":
@@ -34,7 +38,24 @@ class Backend:
         return int(raw.thread_id())
 
     def kill(self, raws: list[Any], wait: bool = True) -> int:
-        """Kill these connections from the server side; returns how many."""
+        """Kill these connections from the server side; returns how many.
+        dqlite: SIGKILL the leader (every connection goes through it), and
+        restart it once the others have elected a new one."""
+        if self.cluster is not None:
+            leader = self.cluster.leader()
+            if leader is None:
+                return 0
+            self.cluster.kill(leader)
+
+            def restart() -> None:
+                self.cluster.wait_for_leader(timeout=60)
+                self.cluster.restart(leader)
+
+            if wait:
+                restart()
+            else:
+                threading.Thread(target=restart, daemon=True).start()
+            return len(raws)
         ids = []
         for r in raws:
             try:
@@ -68,6 +89,22 @@ class Backend:
             return len(cur.fetchall())
 
     def execute(self, sql: str) -> list[Any]:
+        if self.name == "dqlite":
+            # a fresh connection each time (the leader may have been killed), through an election
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    conn = self.connect()
+                    try:
+                        cur = conn.cursor()
+                        cur.execute(sql)
+                        return list(cur.fetchall()) if cur.description else []
+                    finally:
+                        conn.close()
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
         if self.name == "postgresql":
             cur = self.admin.execute(sql)
             return cur.fetchall() if cur.description else []
@@ -82,7 +119,12 @@ class Backend:
 
     def close(self) -> None:
         if self.admin is not None:
-            self.admin.close()
+            try:
+                self.admin.close()
+            except Exception:
+                pass
+        if self.cluster is not None:
+            self.cluster.stop()
 
 
 def _mysql_args(dsn: str) -> dict[str, Any]:
@@ -117,8 +159,32 @@ def open_backend(name: str, dsn: str | None) -> Backend:
             "mariadb", functools.partial(pymysql.connect, **args, autocommit=True), dsn=dsn, admin=admin, kills=True
         )
     if name == "dqlite":
-        raise SystemExit(
-            "benchmarks: the dqlite backend is not wired into the runner yet "
-            "(it needs the 3-node cluster helper of poolkit.testing.dqlite)"
+        if sys.version_info < (3, 13):
+            raise SystemExit(
+                "benchmarks: the dqlite backend needs Python >= 3.13 (dqlite-dbapi): run it with python3.13"
+            )
+        import poolkit
+        from poolkit.testing.dqlite import DqliteCluster
+
+        if dsn:  # an existing cluster: comma-separated node addresses
+            import dqlitedbapi
+
+            connects = [
+                functools.partial(dqlitedbapi.connect, a.strip(), database="bench", check_same_thread=False)
+                for a in dsn.split(",")
+            ]
+            cluster = None
+        else:  # a fresh 3-node cluster of dqlite-demo processes, stopped at the end
+            cluster = DqliteCluster(3).start()
+            connects = cluster.connects(database="bench")
+        connect = poolkit.failover(*connects)
+        return Backend(
+            "dqlite",
+            connect,
+            dsn=dsn or ",".join(cluster.addresses),
+            admin=connect(),
+            kills=cluster is not None,
+            ph="?",
+            cluster=cluster,
         )
     raise SystemExit(f"benchmarks: unknown backend {name!r} (sqlite, postgresql, mariadb, dqlite)")

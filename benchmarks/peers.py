@@ -170,7 +170,12 @@ class QueuePoolPeer(Peer):
     name = "queuepool"
     pre_ping = False
 
-    URLS = {"sqlite": "sqlite://", "postgresql": "postgresql+psycopg://", "mariadb": "mysql+pymysql://"}
+    URLS = {
+        "sqlite": "sqlite://",
+        "postgresql": "postgresql+psycopg://",
+        "mariadb": "mysql+pymysql://",
+        "dqlite": "dqlite://",
+    }
 
     def __init__(self, connect: Counting, size: int, overflow: int = 0, backend: str = "sqlite") -> None:
         super().__init__(connect, size)

@@ -22,7 +22,7 @@ def environment(backend: Any) -> dict[str, Any]:
     except OSError:
         pass
     versions = {}
-    for pkg in ("poolkit", "SQLAlchemy", "psycopg", "psycopg-pool", "DBUtils", "PyMySQL", "tenacity"):
+    for pkg in ("poolkit", "SQLAlchemy", "psycopg", "psycopg-pool", "DBUtils", "PyMySQL", "tenacity", "dqlite-dbapi"):
         try:
             versions[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
@@ -33,6 +33,8 @@ def environment(backend: Any) -> dict[str, Any]:
             server = backend.execute("SHOW server_version")[0][0]
         elif backend.name == "mariadb":
             server = backend.execute("SELECT VERSION()")[0][0]
+        elif backend.name == "dqlite":
+            server = "dqlite (go-dqlite dqlite-demo), 3 nodes"
         else:
             import sqlite3
 

@@ -232,7 +232,7 @@ def contention(names: list[str], backend: Backend, s: Settings) -> dict[str, Any
 def liveness(names: list[str], backend: Backend, s: Settings) -> dict[str, Any]:
     """What the probe costs against a SELECT 1 round trip, and whether each
     pool hands out a connection the server killed while it was idle."""
-    from poolkit.drivers import driver_for_connection
+    from poolkit.drivers import Driver, driver_for_connection
 
     raw = backend.connect()
     fd = driver_for_connection(raw).socket_fd(raw)
@@ -250,6 +250,14 @@ def liveness(names: list[str], backend: Backend, s: Settings) -> dict[str, Any]:
         for _ in range(n):
             t0 = time.perf_counter_ns()
             poller.poll(0)
+            probe.append(time.perf_counter_ns() - t0)
+        out["probe_p50_ns"] = pct(probe, 50)
+    elif type(driver_for_connection(raw)).alive is not Driver.alive:
+        alive = driver_for_connection(raw).alive  # e.g. dqlite: the client's own view of its transport
+        probe = []
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            alive(raw)
             probe.append(time.perf_counter_ns() - t0)
         out["probe_p50_ns"] = pct(probe, 50)
     else:
@@ -326,7 +334,7 @@ def _failover_one(name: str, backend: Backend, s: Settings) -> dict[str, Any]:
     reads_ok: list[float] = []
     acked: list[str] = []
     lock = threading.Lock()
-    ph = "%s"
+    ph = backend.ph
 
     def read_once() -> None:
         if use_run:
