@@ -33,7 +33,7 @@ from sqlalchemy.pool import Pool as SAPool
 from sqlalchemy.pool.base import _ConnectionRecord
 
 from poolkit.classify import Category, classify
-from poolkit.drivers import BROKEN, Driver, driver_for_connection
+from poolkit.drivers import DelegatingDriver
 from poolkit.errors import AmbiguousCommitError, PoolError, PoolTimeout
 from poolkit.pool import Pool, PooledConnection
 from poolkit.retry import Retry, _policy_from, make_retrying, safe_to_retry
@@ -50,59 +50,15 @@ _NOT_OPTIONS = {"connect", "driver", "clock"}
 POOL_OPTIONS = frozenset(p for p in inspect.signature(Pool.__init__).parameters if p not in _NOT_OPTIONS | {"self"})
 
 
-class _RecordDriver(Driver):
+class _RecordDriver(DelegatingDriver):
     """poolkit's pool holds SQLAlchemy connection records; every question about
-    one goes to the driver of the DBAPI connection inside it."""
+    one goes to the driver of the DBAPI connection inside it (None once
+    SQLAlchemy invalidated it)."""
 
     name = "sqlalchemy"
 
-    @staticmethod
-    def _inner(rec: Any) -> tuple[Any, Driver]:
-        conn = rec.dbapi_connection
-        return conn, driver_for_connection(conn)
-
-    def socket_fd(self, conn: Any) -> int | None:
-        if conn.dbapi_connection is None:
-            return None
-        raw, d = self._inner(conn)
-        return d.socket_fd(raw)
-
-    def alive(self, conn: Any) -> bool:
-        if conn.dbapi_connection is None:
-            return False
-        raw, d = self._inner(conn)
-        return d.alive(raw)
-
-    def open(self, conn: Any) -> None:
-        raw, d = self._inner(conn)
-        d.open(raw)
-
-    def transaction_state(self, conn: Any) -> int:
-        if conn.dbapi_connection is None:
-            return BROKEN  # invalidated by SQLAlchemy
-        raw, d = self._inner(conn)
-        return d.transaction_state(raw)
-
-    def rollback(self, conn: Any) -> None:
-        conn.dbapi_connection.rollback()
-
-    def ping(self, conn: Any, timeout: float) -> None:
-        raw, d = self._inner(conn)
-        d.ping(raw, timeout)
-
-    def reset_session(self, conn: Any) -> None:
-        raw, d = self._inner(conn)
-        d.reset_session(raw)
-
-    def is_broken(self, conn: Any) -> bool:
-        if conn.dbapi_connection is None:
-            return True
-        raw, d = self._inner(conn)
-        return d.is_broken(raw)
-
-    def check_config(self, conn: Any) -> None:
-        raw, d = self._inner(conn)
-        d.check_config(raw)
+    def unwrap(self, conn: Any) -> Any:
+        return conn.dbapi_connection
 
 
 class PoolkitPool(SAPool):

@@ -22,6 +22,7 @@ from poolkit.drivers._base import (
     IDLE,
     IN_TRANSACTION,
     UNKNOWN,
+    DelegatingDriver,
     Driver,
 )
 
@@ -30,6 +31,7 @@ __all__ = [
     "IDLE",
     "IN_TRANSACTION",
     "UNKNOWN",
+    "DelegatingDriver",
     "Driver",
     "driver_for_connection",
     "driver_for_module",

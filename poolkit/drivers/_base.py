@@ -165,3 +165,80 @@ def classify_generic(exc: BaseException) -> tuple[str, str] | None:
     if "ProgrammingError" in names:
         return ("PERMANENT", "programming")
     return None
+
+
+class DelegatingDriver(Driver):
+    """For connections that wrap another driver's connection (SQLAlchemy's
+    connection records, poolkit.testing's faulty connections): every question
+    goes to the driver of the inner connection. Subclasses say how to
+    ``unwrap`` one; an inner connection of None means it is gone."""
+
+    name = "delegating"
+
+    def unwrap(self, conn: Any) -> Any:
+        raise NotImplementedError
+
+    def _inner(self, conn: Any) -> tuple[Any, Driver]:
+        from poolkit.drivers import driver_for_connection
+
+        raw = self.unwrap(conn)
+        return raw, driver_for_connection(raw)
+
+    def socket_fd(self, conn: Any) -> int | None:
+        if self.unwrap(conn) is None:
+            return None
+        raw, d = self._inner(conn)
+        return d.socket_fd(raw)
+
+    def alive(self, conn: Any) -> bool:
+        if self.unwrap(conn) is None:
+            return False
+        raw, d = self._inner(conn)
+        fd = d.socket_fd(raw)
+        if fd is not None:  # poll the inner socket here: the pool sees no fd of ours
+            import select
+
+            p = select.poll()
+            p.register(fd, select.POLLIN | select.POLLPRI)
+            return not p.poll(0)
+        return d.alive(raw)
+
+    def open(self, conn: Any) -> None:
+        raw, d = self._inner(conn)
+        d.open(raw)
+
+    def transaction_state(self, conn: Any) -> int:
+        if self.unwrap(conn) is None:
+            return BROKEN
+        raw, d = self._inner(conn)
+        return d.transaction_state(raw)
+
+    def rollback(self, conn: Any) -> None:
+        raw, d = self._inner(conn)
+        d.rollback(raw)
+
+    def ping(self, conn: Any, timeout: float) -> None:
+        raw, d = self._inner(conn)
+        d.ping(raw, timeout)
+
+    def reset_session(self, conn: Any) -> None:
+        raw, d = self._inner(conn)
+        d.reset_session(raw)
+
+    def is_broken(self, conn: Any) -> bool:
+        if self.unwrap(conn) is None:
+            return True
+        raw, d = self._inner(conn)
+        return d.is_broken(raw)
+
+    def check_config(self, conn: Any) -> None:
+        raw, d = self._inner(conn)
+        d.check_config(raw)
+
+    def placeholder(self, conn: Any) -> str:
+        raw, d = self._inner(conn)
+        return d.placeholder(raw)
+
+    def ago(self, conn: Any, seconds: float) -> tuple[str, Any]:
+        raw, d = self._inner(conn)
+        return d.ago(raw, seconds)

@@ -24,14 +24,13 @@ transaction state, ping and classification go to the real driver.
 from __future__ import annotations
 
 import random
-import select
 import threading
 import time
 import types
 from collections.abc import Callable
 from typing import Any
 
-from poolkit.drivers import Driver, driver_for_connection
+from poolkit.drivers import DelegatingDriver
 
 __all__ = [
     "POINTS",
@@ -318,70 +317,29 @@ class FaultyCursor:
         setattr(self._faulty_inner, name, value)
 
 
-class FaultyDriver(Driver):
+class FaultyDriver(DelegatingDriver):
     """poolkit's view of a wrapped connection: the real driver's answers,
-    with the ``probe`` point in front of the liveness probe."""
+    with the ``probe`` point in front of the liveness probe and the
+    ``rollback`` point in front of the pool's rollback."""
 
     name = "faulty"
 
-    @staticmethod
-    def _inner(conn: Any) -> tuple[Any, Driver]:
-        raw = conn._faulty_inner
-        return raw, driver_for_connection(raw)
+    def unwrap(self, conn: Any) -> Any:
+        return conn._faulty_inner
 
     def socket_fd(self, conn: Any) -> int | None:
         return None  # the probe goes through alive(), so that "probe" faults apply
 
     def alive(self, conn: Any) -> bool:
-        if conn._faulty._probe_dead():
-            return False
-        raw, d = self._inner(conn)
-        fd = d.socket_fd(raw)
-        if fd is not None:
-            p = select.poll()
-            p.register(fd, select.POLLIN | select.POLLPRI)
-            return not p.poll(0)
-        return d.alive(raw)
-
-    def open(self, conn: Any) -> None:
-        raw, d = self._inner(conn)
-        d.open(raw)
-
-    def transaction_state(self, conn: Any) -> int:
-        raw, d = self._inner(conn)
-        return d.transaction_state(raw)
+        return not conn._faulty._probe_dead() and super().alive(conn)
 
     def rollback(self, conn: Any) -> None:
         conn.rollback()  # through the "rollback" point
-
-    def ping(self, conn: Any, timeout: float) -> None:
-        raw, d = self._inner(conn)
-        d.ping(raw, timeout)
-
-    def reset_session(self, conn: Any) -> None:
-        raw, d = self._inner(conn)
-        d.reset_session(raw)
-
-    def is_broken(self, conn: Any) -> bool:
-        raw, d = self._inner(conn)
-        return d.is_broken(raw)
-
-    def check_config(self, conn: Any) -> None:
-        raw, d = self._inner(conn)
-        d.check_config(raw)
 
     def begin(self, conn: Any) -> None:
         target = getattr(conn, "driver_connection", conn)  # pool.run passes its proxy
         _, d = self._inner(target)
         d.begin(conn)
-
-    def placeholder(self, conn: Any) -> str:
-        raw, d = self._inner(conn)
-        return d.placeholder(raw)
-
-    def ago(self, conn: Any, seconds: float) -> tuple[str, Any]:
-        raw, d = self._inner(conn)
-        return d.ago(raw, seconds)
 
 
 DRIVER = FaultyDriver()
