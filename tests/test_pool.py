@@ -843,6 +843,7 @@ def test_dropped_proxy_is_reclaimed(make_pool: Any, caplog: Any) -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")  # on purpose: a pool has threads
 def test_forked_child_never_uses_or_closes_inherited_connections(make_pool: Any, server: fakedb.Server) -> None:
     pool = make_pool(max_size=2)
     held = pool.acquire()
