@@ -843,7 +843,8 @@ def test_dropped_proxy_is_reclaimed(make_pool: Any, caplog: Any) -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
-@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")  # on purpose: a pool has threads
+# forking with the pool's threads running is the point of this test
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_forked_child_never_uses_or_closes_inherited_connections(make_pool: Any, server: fakedb.Server) -> None:
     pool = make_pool(max_size=2)
     held = pool.acquire()
