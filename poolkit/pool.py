@@ -636,8 +636,12 @@ class Pool:
                 except Exception as exc:
                     logger.warning("pool %r: is_valid raised on connection %d: %r", self.name, rec.id, exc)
                     reason = "invalid"
-            if reason is None:
-                self._touch(rec, self._clock())
+            if reason is None:  # _touch(), inlined: this is the hot path
+                now = self._clock()
+                rec.last_used = now
+                idle_limit = now + self._max_idle_time
+                rec.fresh_until = idle_limit if idle_limit < rec.expires_at else rec.expires_at
+                rec.ping_at = now + self._ping_after if self._ping_hook else _INF
                 rec.used = True
         with self._lock:
             if self._out is not None:
