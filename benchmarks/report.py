@@ -159,7 +159,12 @@ def render(results: dict[str, Any]) -> str:
         out.append("")
     if "failover" in sc:
         r = sc["failover"]
-        out.append("== failover: 4 readers + 1 writer, every connection killed twice a second")
+        what = (
+            "the leader SIGKILLed"
+            if results["env"]["backend"] == "dqlite"
+            else "every connection killed twice a second"
+        )
+        out.append(f"== failover: 4 readers + 1 writer, {what}")
         if r.get("note"):
             out.append(r["note"])
         else:
