@@ -317,7 +317,6 @@ class Pool:
         self._orphans: deque[_Conn] = deque()  # dropped proxies; appended without the lock
         self._stop = threading.Event()
         self._maintainer: threading.Thread | None = None
-        self._maintainer_pid = 0
         _ALL_POOLS.add(self)
         self._start_maintenance()
 
@@ -351,7 +350,6 @@ class Pool:
         from poolkit._maintenance import start_maintenance
 
         self._maintainer = start_maintenance(self)
-        self._maintainer_pid = os.getpid()
 
     # --------------------------------------------------------------- checkout
 
@@ -416,8 +414,8 @@ class Pool:
         """No idle connection was free: open one, or wait in line."""
         if self._orphans:
             self._reclaim_orphans()
-        if self._maintainer_pid != os.getpid():
-            self._start_maintenance()  # forked child
+        if self._maintainer is None:
+            self._start_maintenance()  # in a forked child (_reset_after_fork cleared it)
         waiter = None
         with self._lock:
             if self._closed:
