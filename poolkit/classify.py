@@ -65,7 +65,8 @@ class Classification:
         return self.category in (Category.BAD_CONNECTION, Category.NOT_LEADER, Category.AMBIGUOUS)
 
 
-Classifier = Callable[..., Classification]
+#: a pool's own classifier: consulted first; None defers to the built-in rules
+Classifier = Callable[[BaseException], "Classification | None"]
 
 # exception groups exist from Python 3.11 on
 _GROUP: type | tuple[()] = getattr(builtins, "BaseExceptionGroup", ())

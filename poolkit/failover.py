@@ -57,5 +57,4 @@ def failover(*connects: Callable[[], Any]) -> Callable[[], Any]:
         assert last is not None
         raise last
 
-    connect.targets = connects  # type: ignore[attr-defined]
     return connect

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from poolkit.classify import Category, Classification, classify
+from poolkit.classify import Category, Classification, Classifier, classify
 from poolkit.drivers import BROKEN, Driver, driver_for_connection
 from poolkit.errors import (
     AmbiguousCommitError,
@@ -224,7 +224,7 @@ class Pool:
         is_valid: Hook | None = None,
         configure: Hook | None = None,
         name: str | None = None,
-        classifier: Callable[[BaseException], Classification | None] | None = None,
+        classifier: Classifier | None = None,
         retry: Retry | bool | None = None,
         leak_timeout: float | None = None,
         ledger_table: str = "poolkit_requests",

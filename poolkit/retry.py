@@ -88,10 +88,6 @@ def _env_off() -> bool:
     return os.environ.get(RETRY_ENV, "").strip().lower() in ("0", "off", "false", "no")
 
 
-def _policy(pool: Pool, retry: Retry | bool | None) -> Retry:
-    return _policy_from(pool.retry, retry)
-
-
 def _policy_from(default: Retry, retry: Retry | bool | None) -> Retry:
     """The budget for one call: ``retry`` if given, else ``default``; none at
     all when POOLKIT_RETRY=off."""
@@ -250,7 +246,7 @@ def run(
         raise TypeError(f"fn must be a callable taking a connection, not {type(fn).__name__}")
     if request_id is not None and (not isinstance(request_id, str) or not 0 < len(request_id) <= 200):
         raise ValueError("request_id must be a non-empty str of at most 200 characters")
-    policy = _policy(pool, retry)
+    policy = _policy_from(pool.retry, retry)
     ledger = pool.ledger if request_id is not None else None
     state = _Attempt()
 
