@@ -45,6 +45,9 @@ Hook = Callable[[Any], Any]
 
 _POLL_EVENTS = select.POLLIN | select.POLLPRI | getattr(select, "POLLRDHUP", 0)
 _INF = float("inf")
+# A caller that asks for a connection within this long of returning one "came
+# straight back": a loop of short units of work (see Pool._release).
+_CAME_BACK = 0.0001
 _pool_ids = itertools.count(1)
 
 # Connections a forked child inherited from its parent. The child must never
@@ -84,6 +87,7 @@ class _Conn:
         "raw",
         "retired",
         "stack",
+        "streak",
         "used",
     )
 
@@ -114,6 +118,7 @@ class _Conn:
         self.checked_out_at = 0.0
         self.stack: list[traceback.FrameSummary] | None = None
         self.leak_logged = False
+        self.streak = 0  # reuses by returning callers while others waited (see Pool._release)
 
     def __del__(self) -> None:
         # A record dies while still open only when the proxy holding it was
@@ -156,14 +161,17 @@ class _Waiter:
     serves the waiter: with a connection (``rec``), with the right to open
     one (``grant``), or with an error."""
 
-    __slots__ = ("error", "grant", "lock", "rec")
+    __slots__ = ("error", "grant", "lock", "rec", "since", "young_until")
 
-    def __init__(self) -> None:
+    def __init__(self, since: float, young_until: float) -> None:
         self.lock = threading.Lock()
         self.lock.acquire()
         self.rec: _Conn | None = None
         self.grant = False
         self.error: BaseException | None = None
+        self.since = since
+        # until then, returning callers may keep reusing connections (see _release)
+        self.young_until = young_until
 
 
 def _check_number(
@@ -230,6 +238,8 @@ class Pool:
         ledger_table: str = "poolkit_requests",
         driver: Driver | None = None,
         maintenance_interval: float = 1.0,
+        handoff_after: float = 0.05,
+        handoff_streak: int = 8,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not callable(connect):
@@ -250,6 +260,8 @@ class Pool:
         _check_number("ping_timeout", ping_timeout, exclusive=True)
         _check_number("leak_timeout", leak_timeout, exclusive=True, allow_none=True)
         _check_number("maintenance_interval", maintenance_interval, exclusive=True)
+        _check_number("handoff_after", handoff_after)
+        _check_number("handoff_streak", handoff_streak, integer=True)
         _check_hook("ping", ping, allow_bool=True)
         _check_hook("reset_session", reset_session, allow_bool=True)
         _check_hook("is_valid", is_valid, allow_bool=False)
@@ -288,6 +300,8 @@ class Pool:
         # the checkout needs more than the fast path's checks on every reuse
         self._slow_checkout = bool(reset_session) or leak_timeout is not None
         self._maintenance_interval = float(maintenance_interval)
+        self._handoff_after = float(handoff_after)
+        self._handoff_streak = handoff_streak
         self._clock = clock
         self._random = random.Random()
         self._ids = itertools.count(1)
@@ -305,6 +319,9 @@ class Pool:
         # checked out, for the leak log; weak, so a dropped proxy's connection can still be reclaimed
         self._out: weakref.WeakSet[_Conn] | None = weakref.WeakSet() if leak_timeout is not None else None
         self._waiters: deque[_Waiter] = deque()  # FIFO
+        # do callers come straight back after returning a connection? (see _release)
+        self._returned_at = -_INF  # the last return seen while others waited
+        self._looping = False
         self._open = 0  # connections open or being opened: never above max_size
         self._opening = 0
         self._generation = 0
@@ -366,7 +383,7 @@ class Pool:
         """
         rec = None
         with self._lock:
-            if self._idle and not self._waiters and not self._closed:
+            if self._idle and not self._closed and (not self._waiters or self._may_barge_locked()):
                 rec = self._idle.pop()
                 self._in_use += 1
                 self._acquired += 1
@@ -420,7 +437,7 @@ class Pool:
         with self._lock:
             if self._closed:
                 raise PoolClosed(f"pool {self.name!r} is closed")
-            if self._idle and not self._waiters:
+            if self._idle and (not self._waiters or self._may_barge_locked()):
                 rec = self._idle.pop()
                 self._take_locked(rec)
                 return rec
@@ -432,7 +449,9 @@ class Pool:
                     raise TooManyWaiters(
                         f"pool {self.name!r}: {len(self._waiters)} callers already waiting (max_waiting)"
                     )
-                waiter = _Waiter()
+                now = time.monotonic()
+                self._looping = now - self._returned_at < _CAME_BACK
+                waiter = _Waiter(now, now + self._handoff_after)
                 self._waiters.append(waiter)
         if waiter is not None:
             waiter_rec = self._wait(waiter, deadline)
@@ -441,17 +460,53 @@ class Pool:
             # granted a slot: open a connection in it
         return self._open_in_slot(deadline)
 
+    def _may_barge_locked(self) -> bool:
+        """Others wait, and a connection is idle: may this caller take it? Yes
+        while the oldest waiter is within its ``handoff_after`` window (the
+        connection was returned to idle for a caller that comes straight
+        back; see :meth:`_release`)."""
+        now = time.monotonic()
+        self._looping = now - self._returned_at < _CAME_BACK
+        return now < self._waiters[0].young_until
+
+    def _serve_idle_locked(self) -> None:
+        """Hand idle connections to the waiters, oldest first."""
+        while self._idle and self._waiters:
+            waiter = self._waiters.popleft()
+            rec = self._idle.pop()
+            self._in_use += 1
+            if self._out is not None:
+                self._out.add(rec)
+            rec.streak = 0
+            waiter.rec = rec
+            waiter.lock.release()
+
     def _wait(self, waiter: _Waiter, deadline: float) -> _Conn | None:
-        """Wait until served; returns a connection, or None for a granted slot."""
-        start = time.monotonic()
-        waiter.lock.acquire(timeout=max(0.0, deadline - start))
+        """Wait until served; returns a connection, or None for a granted slot.
+
+        A waiter wakes once by itself at the end of its ``handoff_after``
+        window: connections returned meanwhile may have gone to the idle
+        stack for their returning threads to reuse, and it takes one of those
+        now (serving any older waiter first). From then on it is "old":
+        every returned connection goes straight to the oldest waiter."""
+        start = waiter.since
+        early = start < waiter.young_until < deadline
+        served = waiter.lock.acquire(timeout=max(0.0, (waiter.young_until if early else deadline) - time.monotonic()))
+        if not served and early:
+            with self._lock:
+                waiter.young_until = 0.0  # old now, whatever the timer's rounding
+                if waiter.rec is None and not waiter.grant and waiter.error is None and self._idle:
+                    self._serve_idle_locked()
+            waiter.lock.acquire(timeout=max(0.0, deadline - time.monotonic()))
         with self._lock:
             self._wait_count += 1
             self._wait_time += time.monotonic() - start
             if waiter.error is not None:
                 raise waiter.error
+            if waiter.rec is None and not waiter.grant and self._idle:
+                self._serve_idle_locked()  # time is up, but there is a connection
             if waiter.rec is not None:
-                self._acquired += 1  # _release counted it in use already
+                self._acquired += 1  # counted in use already
                 return waiter.rec
             if waiter.grant:
                 return None
@@ -652,11 +707,33 @@ class Pool:
                 elif self._open > self._max_size:
                     reason = "resized"
                 elif self._waiters:
-                    waiter = self._waiters.popleft()  # straight to the oldest waiter: stays in use
+                    waiter = self._waiters[0]
+                    now = time.monotonic()
+                    self._returned_at = now
+                    if (
+                        self._looping
+                        and rec.streak < self._handoff_streak
+                        and now < waiter.young_until
+                        and len(self._idle) < self._max_idle
+                    ):
+                        # Callers come straight back for another connection, and
+                        # the oldest waiter is young: keep this one idle for its
+                        # caller, which saves two thread switches. Connections
+                        # returned earlier and not taken back go to the waiters.
+                        self._in_use -= 1
+                        rec.streak += 1
+                        if self._idle:
+                            self._serve_idle_locked()
+                        self._idle.append(rec)
+                        return
+                    self._waiters.popleft()  # straight to the oldest waiter: stays in use
+                    rec.streak = 0
                     waiter.rec = rec
                     if self._out is not None:
                         self._out.add(rec)
                     waiter.lock.release()
+                    if self._idle:
+                        self._serve_idle_locked()
                     return
                 elif len(self._idle) < self._max_idle:
                     self._in_use -= 1

@@ -141,8 +141,21 @@ def test_bad_injections_are_refused(faulty: Faulty) -> None:
 # ------------------------------------------------------------ provoked races
 
 
-def test_waiter_timing_out_as_a_connection_is_handed_to_it(make_pool: Any, monkeypatch: Any) -> None:
-    """The hand-off and the waiter's timeout land at the same instant: the
+@pytest.mark.parametrize(
+    ("options", "timeout"),
+    [
+        # no window: the one timed wait is the caller's timeout
+        ({"handoff_after": 0}, 1),
+        # young for 30 s, but every return is a hand-off: the timed wait that
+        # "times out" is the wake at the end of the window, then the long one
+        ({"handoff_after": 30, "handoff_streak": 0}, 60),
+    ],
+    ids=["at-timeout", "at-window-end"],
+)
+def test_waiter_timing_out_as_a_connection_is_handed_to_it(
+    make_pool: Any, monkeypatch: Any, options: dict[str, Any], timeout: float
+) -> None:
+    """The hand-off and the end of a timed wait land at the same instant: the
     waiter's wait returns "timed out" only after the releasing thread handed
     it the connection. The connection must not be lost."""
     import poolkit.pool as pool_mod
@@ -156,7 +169,7 @@ def test_waiter_timing_out_as_a_connection_is_handed_to_it(make_pool: Any, monke
         def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
             if blocking and timeout == -1:
                 return self._lock.acquire()  # the constructor takes it at once
-            handed.wait(5)  # "time out" right after the hand-off
+            handed.wait(5)  # "time out" right after the hand-off, every time
             return False
 
         def release(self) -> None:
@@ -165,16 +178,16 @@ def test_waiter_timing_out_as_a_connection_is_handed_to_it(make_pool: Any, monke
     real_waiter = pool_mod._Waiter
 
     class RacyWaiter(real_waiter):  # type: ignore[valid-type, misc]
-        def __init__(self) -> None:
-            super().__init__()
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
             self.lock = RacyLock()
             self.lock.acquire()
 
     monkeypatch.setattr(pool_mod, "_Waiter", RacyWaiter)
-    pool = make_pool(max_size=1)
+    pool = make_pool(max_size=1, **options)
     held = pool.acquire()
     got: list[Any] = []
-    t = threading.Thread(target=lambda: got.append(pool.acquire(timeout=1)))
+    t = threading.Thread(target=lambda: got.append(pool.acquire(timeout=timeout)))
     t.start()
     while pool.stats().waiting < 1:
         time.sleep(0.001)
