@@ -93,6 +93,14 @@ def _single_thread(names: list[str], backend: Backend, s: Settings, with_query: 
     clock = time.perf_counter_ns
     p50s: dict[str, list[float]] = {n: [] for n in peers}
     p99s: dict[str, list[float]] = {n: [] for n in peers}
+    # The overhead over the raw floor is measured op by op: each pool's
+    # operation is paired with a raw one run right next to it (in alternating
+    # order), and a round's figure is the median of the paired differences.
+    # A round trip on loopback jitters by tens of microseconds and this
+    # machine's CPU speed drifts within a second, so comparing two bursts run
+    # at different moments cannot resolve a few microseconds.
+    raw = peers.get("raw") if with_query else None
+    over: dict[str, list[float]] = {n: [] for n in peers if n != "raw"} if raw is not None else {}
     try:
         for r in range(s.rounds):
             order = list(peers)
@@ -115,6 +123,9 @@ def _single_thread(names: list[str], backend: Backend, s: Settings, with_query: 
                     lat[i] = clock() - t0
                 p50s[name].append(pct(lat, 50))
                 p99s[name].append(pct(lat, 99))
+                if name in over:
+                    assert raw is not None
+                    over[name].append(_paired_overhead(p, raw, s.burst))
             s.progress(f"{label} round {r + 1}/{s.rounds}")
     finally:
         _close(peers)
@@ -123,11 +134,38 @@ def _single_thread(names: list[str], backend: Backend, s: Settings, with_query: 
         "peers": {n: {"p50": summary(p50s[n]), "p99": summary(p99s[n])} for n in peers},
         "ratio_p50": _ratios(p50s),
     }
-    if with_query and "raw" in p50s:
-        result["overhead_over_raw_ns"] = {
-            n: summary([a - b for a, b in zip(p50s[n], p50s["raw"], strict=True)]) for n in peers if n != "raw"
-        }
+    if over:
+        result["overhead_over_raw_ns"] = {n: summary(v) for n, v in over.items()}
     return result
+
+
+def _paired_overhead(p: Peer, raw: Peer, n: int) -> float:
+    """Median over ``n`` pairs of (pool's checkout + SELECT 1 + checkin) minus
+    (the same query on the raw connection), the two run back to back."""
+    clock = time.perf_counter_ns
+    co, ci, conn = p.checkout, p.checkin, p.conn
+    rco, rci, rconn = raw.checkout, raw.checkin, raw.conn
+    diffs = [0] * n
+    for i in range(n):
+        if i & 1:
+            t0 = clock()
+            h = rco()
+            _query(rconn(h))
+            rci(h)
+            t1 = clock()
+        t2 = clock()
+        h = co()
+        _query(conn(h))
+        ci(h)
+        t3 = clock()
+        if not i & 1:
+            t0 = clock()
+            h = rco()
+            _query(rconn(h))
+            rci(h)
+            t1 = clock()
+        diffs[i] = (t3 - t2) - (t1 - t0)
+    return pct(diffs, 50)
 
 
 def checkout(names: list[str], backend: Backend, s: Settings) -> dict[str, Any]:
