@@ -8,6 +8,7 @@ import functools
 import os
 import sqlite3
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +51,9 @@ class Backend:
     connect: Callable[[], Any]
     admin: Any = None  # an autocommit connection outside any pool
     extra: dict[str, Any] = field(default_factory=dict)
+    # The admin connection is shared by a test and its killer threads, and a
+    # PyMySQL connection is not thread-safe: one statement at a time.
+    lock: threading.RLock = field(default_factory=threading.RLock)
 
     # -- server-side identity and killing
     def server_id(self, raw: Any) -> int:
@@ -63,12 +67,10 @@ class Backend:
         if not ids:
             return set()
         if self.name == "postgresql":
-            rows = self.admin.execute("SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s)", (ids,)).fetchall()
+            rows = self.execute("SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s)", (ids,))
         else:
-            with self.admin.cursor() as cur:
-                marks = ",".join(["%s"] * len(ids))
-                cur.execute(f"SELECT id FROM information_schema.processlist WHERE id IN ({marks})", ids)
-                rows = cur.fetchall()
+            marks = ",".join(["%s"] * len(ids))
+            rows = self.execute(f"SELECT id FROM information_schema.processlist WHERE id IN ({marks})", ids)
         return {int(r[0]) for r in rows}
 
     def kill(self, raw: Any, *, wait: bool = True) -> None:
@@ -76,10 +78,9 @@ class Backend:
         restart would, and wait until the server has really let it go."""
         sid = self.server_id(raw)
         if self.name == "postgresql":
-            self.admin.execute("SELECT pg_terminate_backend(%s)", (sid,))
+            self.execute("SELECT pg_terminate_backend(%s)", (sid,))
         else:
-            with self.admin.cursor() as cur:
-                cur.execute(f"KILL {sid:d}")
+            self.execute(f"KILL {sid:d}")
         if wait:
             deadline = time.monotonic() + 10
             while sid in self.alive_ids([sid]):
@@ -90,17 +91,18 @@ class Backend:
 
     def execute(self, sql: str, params: Any = None) -> list[Any]:
         """Run SQL on the admin connection, outside any pool."""
-        if self.name == "postgresql":
-            cur = self.admin.execute(sql, params)
-            return cur.fetchall() if cur.description else []
-        if self.name == "mariadb":
-            with self.admin.cursor() as cur:
-                cur.execute(sql, params)
-                return list(cur.fetchall())
-        cur = self.admin.execute(sql, params or ())
-        rows = cur.fetchall()
-        self.admin.commit()
-        return rows
+        with self.lock:
+            if self.name == "postgresql":
+                cur = self.admin.execute(sql, params)
+                return cur.fetchall() if cur.description else []
+            if self.name == "mariadb":
+                with self.admin.cursor() as cur:
+                    cur.execute(sql, params)
+                    return list(cur.fetchall())
+            cur = self.admin.execute(sql, params or ())
+            rows = cur.fetchall()
+            self.admin.commit()
+            return rows
 
     def close(self) -> None:
         if self.admin is not None:
