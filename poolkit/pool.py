@@ -48,6 +48,10 @@ _INF = float("inf")
 # A caller that asks for a connection within this long of returning one "came
 # straight back": a loop of short units of work (see Pool._release).
 _CAME_BACK = 0.0001
+# A returned connection is kept for its caller (see Pool._release) only when
+# the caller's unit of work since it got the connection took less than this:
+# with slower ones there is little to save, and a few reuses are a long turn.
+_QUICK = 0.002
 _pool_ids = itertools.count(1)
 
 # Connections a forked child inherited from its parent. The child must never
@@ -88,6 +92,7 @@ class _Conn:
         "retired",
         "stack",
         "streak",
+        "turn_mark",
         "used",
     )
 
@@ -119,6 +124,7 @@ class _Conn:
         self.stack: list[traceback.FrameSummary] | None = None
         self.leak_logged = False
         self.streak = 0  # reuses by returning callers while others waited (see Pool._release)
+        self.turn_mark = 0.0  # when it was last handed over or kept so (time.monotonic)
 
     def __del__(self) -> None:
         # A record dies while still open only when the proxy holding it was
@@ -471,6 +477,7 @@ class Pool:
 
     def _serve_idle_locked(self) -> None:
         """Hand idle connections to the waiters, oldest first."""
+        now = time.monotonic()
         while self._idle and self._waiters:
             waiter = self._waiters.popleft()
             rec = self._idle.pop()
@@ -478,6 +485,7 @@ class Pool:
             if self._out is not None:
                 self._out.add(rec)
             rec.streak = 0
+            rec.turn_mark = now
             waiter.rec = rec
             waiter.lock.release()
 
@@ -713,6 +721,7 @@ class Pool:
                     if (
                         self._looping
                         and rec.streak < self._handoff_streak
+                        and now - rec.turn_mark < _QUICK
                         and now < waiter.young_until
                         and len(self._idle) < self._max_idle
                     ):
@@ -722,12 +731,14 @@ class Pool:
                         # returned earlier and not taken back go to the waiters.
                         self._in_use -= 1
                         rec.streak += 1
+                        rec.turn_mark = now
                         if self._idle:
                             self._serve_idle_locked()
                         self._idle.append(rec)
                         return
                     self._waiters.popleft()  # straight to the oldest waiter: stays in use
                     rec.streak = 0
+                    rec.turn_mark = now
                     waiter.rec = rec
                     if self._out is not None:
                         self._out.add(rec)

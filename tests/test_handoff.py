@@ -55,17 +55,29 @@ class Waiter(threading.Thread):
         return self
 
 
+def in_turn(pool: Pool, held: Any) -> Any:
+    """``held``'s connection, handed to this thread through the queue (another
+    thread returns it while this one waits), so that its turn starts now."""
+    closer = threading.Thread(target=lambda: (wait_until(lambda: pool.stats().waiting == 1), held.close()))
+    closer.start()
+    conn = pool.acquire(timeout=5)
+    closer.join(5)
+    return conn
+
+
 def looping_pool(make_pool: Any, monkeypatch: Any, **kw: Any) -> tuple[Pool, Any, Waiter]:
-    """A pool of 2 where callers "come straight back" (the threshold is made
-    60 s, so no scheduler hiccup can spoil it): one waiter holds a connection
-    handed to it, a second waiter (returned) waits young, and the caller holds
-    the other connection (returned)."""
+    """A pool of 2 where callers "come straight back" (the thresholds are made
+    60 s, so no scheduler hiccup can spoil it): one waiter
+    holds a connection handed to it, a second waiter (returned) waits young,
+    and the caller holds the other connection (returned), handed to it."""
     monkeypatch.setattr(pool_mod, "_CAME_BACK", 60.0)
+    monkeypatch.setattr(pool_mod, "_QUICK", 60.0)
     pool = make_pool(max_size=2, **kw)
     a, b = pool.acquire(), pool.acquire()
     first = Waiter(pool).enqueue()  # nothing seen yet: this return is a plain hand-off
     a.close()
     assert first.done.wait(5) and first.got is not None
+    b = in_turn(pool, b)
     second = Waiter(pool).enqueue()  # arrives right after a return: callers loop
     return pool, b, second
 
@@ -84,6 +96,31 @@ def test_a_caller_that_comes_straight_back_reuses_its_connection_a_bounded_numbe
     assert waiter.done.wait(5) and waiter.got.driver_connection is raw
     with pytest.raises(PoolTimeout):
         pool.acquire(timeout=0.05)  # and the caller now waits its turn
+
+
+def test_a_slow_unit_of_work_ends_the_turn_whatever_the_streak(make_pool: Any, monkeypatch: Any) -> None:
+    """A caller keeps reusing a connection only while each unit of work is
+    quick (under ``_QUICK``, made 0.5 s here), however many reuses
+    ``handoff_streak`` would still allow."""
+    monkeypatch.setattr(pool_mod, "_CAME_BACK", 60.0)
+    monkeypatch.setattr(pool_mod, "_QUICK", 0.5)
+    pool = make_pool(max_size=2, handoff_after=30, handoff_streak=10**9)
+    a, b = pool.acquire(), pool.acquire()
+    first = Waiter(pool).enqueue()
+    a.close()
+    assert first.done.wait(5)
+    conn = in_turn(pool, b)
+    raw = conn.driver_connection
+    waiter = Waiter(pool).enqueue()
+    conn.close()  # within the turn: kept
+    conn = pool.acquire(timeout=1)
+    assert conn.driver_connection is raw and not waiter.done.is_set()
+    time.sleep(0.6)  # a slow unit of work
+    conn.close()  # that unit of work was slow: to the waiter
+    assert waiter.done.wait(5) and waiter.got.driver_connection is raw
+    for w in (first, waiter):
+        w.let_go.set()
+        w.join(5)
 
 
 def test_handoff_streak_zero_is_strict_first_in_first_out(make_pool: Any, monkeypatch: Any) -> None:
@@ -145,11 +182,13 @@ def test_a_connection_left_idle_reaches_the_waiter_at_the_end_of_its_window(make
 
 def test_a_connection_left_idle_goes_to_the_waiter_at_the_next_return(make_pool: Any, monkeypatch: Any) -> None:
     monkeypatch.setattr(pool_mod, "_CAME_BACK", 60.0)
+    monkeypatch.setattr(pool_mod, "_QUICK", 60.0)
     pool = make_pool(max_size=3, handoff_after=30, handoff_streak=10**9)
     a, b, c = pool.acquire(), pool.acquire(), pool.acquire()
     first = Waiter(pool).enqueue()
     a.close()  # plain hand-off
     assert first.done.wait(5)
+    b, c = in_turn(pool, b), in_turn(pool, c)
     second = Waiter(pool).enqueue()
     third = Waiter(pool).enqueue()
     raw_b = b.driver_connection
