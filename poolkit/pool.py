@@ -48,9 +48,11 @@ _INF = float("inf")
 # A caller that asks for a connection within this long of returning one "came
 # straight back": a loop of short units of work (see Pool._release).
 _CAME_BACK = 0.0001
-# A returned connection is kept for its caller (see Pool._release) only when
-# the caller's unit of work since it got the connection took less than this:
-# with slower ones there is little to save, and a few reuses are a long turn.
+# A returned connection is kept for its caller (see Pool._release) only while
+# units of work under contention take less than this on average (a moving
+# average over the last few, so the decision follows the workload, not the
+# jitter of one): with slower ones there is little to save, and a few reuses
+# are a long turn that the waiters' window would cut at random points.
 _QUICK = 0.002
 _pool_ids = itertools.count(1)
 
@@ -328,6 +330,7 @@ class Pool:
         # do callers come straight back after returning a connection? (see _release)
         self._returned_at = -_INF  # the last return seen while others waited
         self._looping = False
+        self._hold_avg = 0.0  # moving average of units of work under contention
         self._open = 0  # connections open or being opened: never above max_size
         self._opening = 0
         self._generation = 0
@@ -718,10 +721,13 @@ class Pool:
                     waiter = self._waiters[0]
                     now = time.monotonic()
                     self._returned_at = now
+                    if rec.turn_mark:  # a sample, capped: the mark may be from long ago
+                        self._hold_avg += (min(now - rec.turn_mark, 0.1) - self._hold_avg) * 0.125
                     if (
-                        self._looping
+                        rec.turn_mark  # a turn starts with a hand-off
+                        and self._looping
                         and rec.streak < self._handoff_streak
-                        and now - rec.turn_mark < _QUICK
+                        and self._hold_avg < _QUICK
                         and now < waiter.young_until
                         and len(self._idle) < self._max_idle
                     ):
