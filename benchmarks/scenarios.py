@@ -139,32 +139,34 @@ def _single_thread(names: list[str], backend: Backend, s: Settings, with_query: 
     return result
 
 
-def _paired_overhead(p: Peer, raw: Peer, n: int) -> float:
-    """Median over ``n`` pairs of (pool's checkout + SELECT 1 + checkin) minus
-    (the same query on the raw connection), the two run back to back."""
+def _timed_query(p: Peer) -> Callable[[], int]:
+    """One checkout + SELECT 1 + checkin on ``p``; returns its duration in ns."""
     clock = time.perf_counter_ns
     co, ci, conn = p.checkout, p.checkin, p.conn
-    rco, rci, rconn = raw.checkout, raw.checkin, raw.conn
-    diffs = [0] * n
-    for i in range(n):
-        if i & 1:
-            t0 = clock()
-            h = rco()
-            _query(rconn(h))
-            rci(h)
-            t1 = clock()
-        t2 = clock()
+
+    def op() -> int:
+        t0 = clock()
         h = co()
         _query(conn(h))
         ci(h)
-        t3 = clock()
-        if not i & 1:
-            t0 = clock()
-            h = rco()
-            _query(rconn(h))
-            rci(h)
-            t1 = clock()
-        diffs[i] = (t3 - t2) - (t1 - t0)
+        return clock() - t0
+
+    return op
+
+
+def _paired_overhead(p: Peer, raw: Peer, n: int) -> float:
+    """Median over ``n`` pairs of (pool's checkout + SELECT 1 + checkin) minus
+    (the same query on the raw connection), the two run back to back, in
+    alternating order."""
+    pool_op, raw_op = _timed_query(p), _timed_query(raw)
+    diffs = [0] * n
+    for i in range(n):
+        if i & 1:
+            before = raw_op()
+            diffs[i] = pool_op() - before
+        else:
+            after = pool_op()
+            diffs[i] = after - raw_op()
     return pct(diffs, 50)
 
 

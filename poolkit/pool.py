@@ -480,6 +480,8 @@ class Pool:
 
     def _serve_idle_locked(self) -> None:
         """Hand idle connections to the waiters, oldest first."""
+        if not (self._idle and self._waiters):
+            return
         now = time.monotonic()
         while self._idle and self._waiters:
             waiter = self._waiters.popleft()
@@ -506,16 +508,16 @@ class Pool:
         if not served and early:
             with self._lock:
                 waiter.young_until = 0.0  # old now, whatever the timer's rounding
-                if waiter.rec is None and not waiter.grant and waiter.error is None and self._idle:
-                    self._serve_idle_locked()
+                if waiter.rec is None and not waiter.grant and waiter.error is None:
+                    self._serve_idle_locked()  # connections left idle while we were young
             waiter.lock.acquire(timeout=max(0.0, deadline - time.monotonic()))
         with self._lock:
             self._wait_count += 1
             self._wait_time += time.monotonic() - start
             if waiter.error is not None:
                 raise waiter.error
-            if waiter.rec is None and not waiter.grant and self._idle:
-                self._serve_idle_locked()  # time is up, but there is a connection
+            if waiter.rec is None and not waiter.grant:
+                self._serve_idle_locked()  # time is up, but there may be a connection
             if waiter.rec is not None:
                 self._acquired += 1  # counted in use already
                 return waiter.rec
@@ -735,22 +737,17 @@ class Pool:
                         # the oldest waiter is young: keep this one idle for its
                         # caller, which saves two thread switches. Connections
                         # returned earlier and not taken back go to the waiters.
-                        self._in_use -= 1
                         rec.streak += 1
                         rec.turn_mark = now
-                        if self._idle:
-                            self._serve_idle_locked()
+                        self._serve_idle_locked()
+                        self._in_use -= 1
                         self._idle.append(rec)
                         return
-                    self._waiters.popleft()  # straight to the oldest waiter: stays in use
-                    rec.streak = 0
-                    rec.turn_mark = now
-                    waiter.rec = rec
-                    if self._out is not None:
-                        self._out.add(rec)
-                    waiter.lock.release()
-                    if self._idle:
-                        self._serve_idle_locked()
+                    # straight to the oldest waiter (on top of the stack, it is
+                    # served first), then any left over to the next ones
+                    self._in_use -= 1
+                    self._idle.append(rec)
+                    self._serve_idle_locked()
                     return
                 elif len(self._idle) < self._max_idle:
                     self._in_use -= 1
