@@ -1149,12 +1149,14 @@ class PooledConnection:
         return self._pool
 
     def cursor(self, *args: Any, **kwargs: Any) -> PooledCursor:
-        raw = self._raw()
+        rec = self._rec  # self._raw(), inlined: every query goes through here
+        if rec is None:
+            raise ConnectionReturned("this connection was returned to its pool and can no longer be used")
         try:
-            cur = raw.cursor(*args, **kwargs)
+            cur = rec.raw.cursor(*args, **kwargs)
         except Exception as exc:
             self._raise_observed(exc)
-        return PooledCursor(cur, self)
+        return _wrap_cursor(cur, self)
 
     def execute(self, *args: Any, **kwargs: Any) -> PooledCursor:
         """For drivers whose connections have ``execute`` (sqlite3, psycopg)."""
@@ -1163,7 +1165,7 @@ class PooledConnection:
             cur = raw.execute(*args, **kwargs)
         except Exception as exc:
             self._raise_observed(exc)
-        return PooledCursor(cur, self)
+        return _wrap_cursor(cur, self)
 
     def commit(self) -> None:
         raw = self._raw()
@@ -1237,9 +1239,10 @@ class PooledCursor:
         return conn
 
     def execute(self, *args: Any, **kwargs: Any) -> PooledCursor:
-        cur = self._cur()
+        if self._conn._rec is None:  # self._cur(), inlined here and in fetchall
+            raise ConnectionReturned("this cursor's connection was returned to its pool")
         try:
-            cur.execute(*args, **kwargs)
+            self._cursor.execute(*args, **kwargs)
         except Exception as exc:
             self._conn._raise_observed(exc)
         return self
@@ -1267,9 +1270,10 @@ class PooledCursor:
             return self._conn._raise_observed(exc)
 
     def fetchall(self) -> Any:
-        cur = self._cur()
+        if self._conn._rec is None:
+            raise ConnectionReturned("this cursor's connection was returned to its pool")
         try:
-            return cur.fetchall()
+            return self._cursor.fetchall()
         except Exception as exc:
             return self._conn._raise_observed(exc)
 
@@ -1300,3 +1304,17 @@ class PooledCursor:
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self._cur(), name, value)
+
+
+_new_cursor = object.__new__
+_set_cursor = PooledCursor._cursor.__set__  # type: ignore[attr-defined]
+_set_conn = PooledCursor._conn.__set__  # type: ignore[attr-defined]
+
+
+def _wrap_cursor(cursor: Any, conn: PooledConnection) -> PooledCursor:
+    """``PooledCursor(cursor, conn)`` for the hot path: through the slots'
+    own descriptors, as ``__setattr__`` forwards to the driver's cursor."""
+    pc: PooledCursor = _new_cursor(PooledCursor)
+    _set_cursor(pc, cursor)
+    _set_conn(pc, conn)
+    return pc

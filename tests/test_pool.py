@@ -96,6 +96,10 @@ def test_using_a_returned_connection_raises_a_clear_error(make_pool: Any) -> Non
         conn.commit()
     with pytest.raises(ConnectionReturned):
         cur.execute("SELECT 1")
+    with pytest.raises(ConnectionReturned):
+        cur.fetchall()
+    with pytest.raises(ConnectionReturned):
+        cur.arraysize = 5
     conn.close()  # returning twice is harmless
     assert pool.stats().idle == 1
     assert pool.stats().in_use == 0
