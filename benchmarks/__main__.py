@@ -14,6 +14,16 @@ from benchmarks.backends import open_backend
 from benchmarks.scenarios import SCENARIOS, Settings
 
 
+def _scenarios(value: str) -> list[str]:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SCENARIOS and n != "all"]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown scenario {', '.join(unknown) or repr(value)}; choose from {', '.join(SCENARIOS)}, all"
+        )
+    return names
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="python -m benchmarks",
@@ -29,8 +39,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--scenario",
         action="append",
-        choices=[*SCENARIOS, "all"],
-        help="one or several (repeat the option); default: all",
+        type=_scenarios,
+        help=f"one or several, comma-separated or repeated, from: {', '.join(SCENARIOS)}, all; default: all",
     )
     ap.add_argument(
         "--pools", default=",".join(peers_mod.ALL), help=f"comma-separated, from: {', '.join(peers_mod.ALL)}"
@@ -72,7 +82,8 @@ class Progress:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    scenarios = list(SCENARIOS) if not args.scenario or "all" in args.scenario else list(dict.fromkeys(args.scenario))
+    chosen = [name for names in args.scenario or [] for name in names]
+    scenarios = list(SCENARIOS) if not chosen or "all" in chosen else list(dict.fromkeys(chosen))
     wanted = [p.strip() for p in args.pools.split(",") if p.strip()]
     unknown = [p for p in wanted if p not in peers_mod.CLASSES]
     if unknown:

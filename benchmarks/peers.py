@@ -65,8 +65,12 @@ class Peer:
         raise NotImplementedError
 
     def conn(self, handle: Any) -> Any:
-        """The DB-API connection behind a checkout handle."""
+        """What the application queries through, for a checkout handle."""
         return handle
+
+    def driver_conn(self, handle: Any) -> Any:
+        """The driver's own connection behind a checkout handle."""
+        return self.conn(handle)
 
     def warm(self) -> None:
         handles = [self.checkout() for _ in range(self.size)]
@@ -162,6 +166,9 @@ class Poolkit(Peer):
     def checkin(self, handle: Any) -> None:
         handle.close()
 
+    def driver_conn(self, handle: Any) -> Any:
+        return handle.driver_connection
+
     def close(self) -> None:
         self.pool.close(timeout=1)
 
@@ -233,6 +240,7 @@ class PsycopgPool(Peer):
             max_size=size,
             open=True,
             configure=configure,
+            kwargs={"autocommit": True},  # as every other peer's connections (backends.py)
             check=ConnectionPool.check_connection if self.check else None,
             name=self.name,
         )

@@ -104,7 +104,7 @@ def render(results: dict[str, Any]) -> str:
             rows.append(row)
         header = ["pool", "p50 us [min..max]", "p99 us", "poolkit/peer p50"]
         if name == "query":
-            header.append("over raw us (paired)")
+            header.append("over raw us (same conn)")
         out += [
             f"== {name}: {'checkout + checkin' if name == 'checkout' else 'checkout + SELECT 1 + checkin'}"
             f" (one thread, pool of 4; medians of {next(iter(r['peers'].values()))['p50']['n']} rounds)",

@@ -93,14 +93,16 @@ def _single_thread(names: list[str], backend: Backend, s: Settings, with_query: 
     clock = time.perf_counter_ns
     p50s: dict[str, list[float]] = {n: [] for n in peers}
     p99s: dict[str, list[float]] = {n: [] for n in peers}
-    # The overhead over the raw floor is measured op by op: each pool's
-    # operation is paired with a raw one run right next to it (in alternating
-    # order), and a round's figure is the median of the paired differences.
-    # A round trip on loopback jitters by tens of microseconds and this
-    # machine's CPU speed drifts within a second, so comparing two bursts run
-    # at different moments cannot resolve a few microseconds.
-    raw = peers.get("raw") if with_query else None
-    over: dict[str, list[float]] = {n: [] for n in peers if n != "raw"} if raw is not None else {}
+    # The overhead over the raw floor is measured on the very connection the
+    # pool hands out: within one checkout, the query runs once through what
+    # the pool handed out and once on the driver's own connection (in
+    # alternating order), and the overhead is checkout + checkin + the
+    # difference of the two queries; a round's figure is the median over its
+    # operations. Two different connections cannot be compared: each is served
+    # by its own server process, and on this machine the paired difference of
+    # two raw connections swings by +-60 us from one burst to the next, as
+    # one process or the other is the one the scheduler keeps warm.
+    over: dict[str, list[float]] = {n: [] for n in peers} if with_query else {}
     try:
         for r in range(s.rounds):
             order = list(peers)
@@ -124,8 +126,7 @@ def _single_thread(names: list[str], backend: Backend, s: Settings, with_query: 
                 p50s[name].append(pct(lat, 50))
                 p99s[name].append(pct(lat, 99))
                 if name in over:
-                    assert raw is not None
-                    over[name].append(_paired_overhead(p, raw, s.burst))
+                    over[name].append(_overhead_on_same_connection(p, s.burst))
             s.progress(f"{label} round {r + 1}/{s.rounds}")
     finally:
         _close(peers)
@@ -139,34 +140,34 @@ def _single_thread(names: list[str], backend: Backend, s: Settings, with_query: 
     return result
 
 
-def _timed_query(p: Peer) -> Callable[[], int]:
-    """One checkout + SELECT 1 + checkin on ``p``; returns its duration in ns."""
+def _overhead_on_same_connection(p: Peer, n: int) -> float:
+    """Median over ``n`` operations of what ``p`` adds to a SELECT 1 run on
+    the driver's connection it hands out (see the comment in _single_thread)."""
     clock = time.perf_counter_ns
-    co, ci, conn = p.checkout, p.checkin, p.conn
-
-    def op() -> int:
-        t0 = clock()
-        h = co()
-        _query(conn(h))
-        ci(h)
-        return clock() - t0
-
-    return op
-
-
-def _paired_overhead(p: Peer, raw: Peer, n: int) -> float:
-    """Median over ``n`` pairs of (pool's checkout + SELECT 1 + checkin) minus
-    (the same query on the raw connection), the two run back to back, in
-    alternating order."""
-    pool_op, raw_op = _timed_query(p), _timed_query(raw)
+    co, ci, conn, driver = p.checkout, p.checkin, p.conn, p.driver_conn
     diffs = [0] * n
     for i in range(n):
+        t0 = clock()
+        h = co()
+        t1 = clock()
+        c, d = conn(h), driver(h)
         if i & 1:
-            before = raw_op()
-            diffs[i] = pool_op() - before
+            t2 = clock()
+            _query(c)
+            t3 = clock()
+            _query(d)
+            t4 = clock()
+            through, direct = t3 - t2, t4 - t3
         else:
-            after = pool_op()
-            diffs[i] = after - raw_op()
+            t2 = clock()
+            _query(d)
+            t3 = clock()
+            _query(c)
+            t4 = clock()
+            direct, through = t3 - t2, t4 - t3
+        t5 = clock()
+        ci(h)
+        diffs[i] = (t1 - t0) + (clock() - t5) + through - direct
     return pct(diffs, 50)
 
 

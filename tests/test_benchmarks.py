@@ -30,3 +30,14 @@ def test_bad_arguments_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert "unknown pool(s) nosuchpool" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--rounds", "0"])
+
+
+def test_scenarios_can_be_chosen_comma_separated(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--quick", "--scenario", "checkout,query", "--pools", "raw,poolkit", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "bench-sqlite.json").read_text())
+    assert list(data["scenarios"]) == ["checkout", "query"]
+    # the query overhead is measured on the connection each pool hands out; the raw floor has a row too
+    assert set(data["scenarios"]["query"]["overhead_over_raw_ns"]) == {"raw", "poolkit"}
+    with pytest.raises(SystemExit):
+        main(["--scenario", "checkout,nosuch"])
+    assert "unknown scenario nosuch" in capsys.readouterr().err
