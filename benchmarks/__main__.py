@@ -105,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(
         rounds=rounds,
         burst=500 if q else 2000,
-        contention_seconds=args.duration or (0.25 if q else 1.0),
-        contention_rounds=max(1, rounds // 3) if args.rounds else (2 if q else 5),
+        # short bursts, many rounds: the pools compared run close together in time
+        contention_seconds=args.duration or (0.2 if q else 0.5),
+        contention_rounds=3 if q and not args.rounds else rounds,
         failover_seconds=2.0 if q else 5.0,
         spike_rounds=1 if q else 3,
     )
