@@ -53,7 +53,11 @@ _CAME_BACK = 0.0001
 # average over the last few, so the decision follows the workload, not the
 # jitter of one): with slower ones there is little to save, and a few reuses
 # are a long turn that the waiters' window would cut at random points.
-_QUICK = 0.002
+_QUICK = 0.001
+# ... and a turn (a connection going back to the same caller) holds at most
+# about this much work, at that average: short turns keep the waiters' shares
+# even within a fraction of a second, whatever a unit of work costs.
+_TURN = 0.016
 _pool_ids = itertools.count(1)
 
 # Connections a forked child inherited from its parent. The child must never
@@ -730,6 +734,7 @@ class Pool:
                         and self._looping
                         and rec.streak < self._handoff_streak
                         and self._hold_avg < _QUICK
+                        and rec.streak * self._hold_avg < _TURN
                         and now < waiter.young_until
                         and len(self._idle) < self._max_idle
                     ):

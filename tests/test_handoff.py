@@ -72,6 +72,7 @@ def looping_pool(make_pool: Any, monkeypatch: Any, **kw: Any) -> tuple[Pool, Any
     and the caller holds the other connection (returned), handed to it."""
     monkeypatch.setattr(pool_mod, "_CAME_BACK", 60.0)
     monkeypatch.setattr(pool_mod, "_QUICK", 60.0)
+    monkeypatch.setattr(pool_mod, "_TURN", 60.0)
     pool = make_pool(max_size=2, **kw)
     a, b = pool.acquire(), pool.acquire()
     first = Waiter(pool).enqueue()  # nothing seen yet: this return is a plain hand-off
@@ -98,6 +99,29 @@ def test_a_caller_that_comes_straight_back_reuses_its_connection_a_bounded_numbe
         pool.acquire(timeout=0.05)  # and the caller now waits its turn
 
 
+def test_a_turn_holds_about_turn_seconds_of_work_whatever_the_streak(make_pool: Any, monkeypatch: Any) -> None:
+    """Units of work that are quick enough to keep (under ``_QUICK``) but not
+    free: a turn ends once its reuses times their average length reach
+    ``_TURN`` (made 0.1 s here, with 20 ms units: within about 10 reuses)."""
+    pool, conn, waiter = looping_pool(make_pool, monkeypatch, handoff_after=30, handoff_streak=10**9)
+    monkeypatch.setattr(pool_mod, "_TURN", 0.1)
+    raw = conn.driver_connection
+    reuses = 0
+    while True:
+        time.sleep(0.02)  # a unit of work
+        conn.close()
+        if waiter.done.wait(0.2):
+            break
+        reuses += 1
+        assert reuses < 15, "the turn did not end"
+        conn = pool.acquire(timeout=1)
+        assert conn.driver_connection is raw
+    assert reuses >= 3, f"the turn ended after {reuses} reuses, before 0.1 s of work"
+    assert waiter.got.driver_connection is raw
+    waiter.let_go.set()
+    waiter.join(5)
+
+
 def test_slow_units_of_work_end_the_reuse_whatever_the_streak(make_pool: Any, monkeypatch: Any) -> None:
     """A caller keeps reusing a connection only while units of work are quick
     on average (under ``_QUICK``, made 30 ms here), however many reuses
@@ -105,6 +129,7 @@ def test_slow_units_of_work_end_the_reuse_whatever_the_streak(make_pool: Any, mo
     returns go to the waiter within a few of them."""
     monkeypatch.setattr(pool_mod, "_CAME_BACK", 60.0)
     monkeypatch.setattr(pool_mod, "_QUICK", 0.03)
+    monkeypatch.setattr(pool_mod, "_TURN", 60.0)
     pool = make_pool(max_size=2, handoff_after=30, handoff_streak=10**9)
     a, b = pool.acquire(), pool.acquire()
     first = Waiter(pool).enqueue()
