@@ -151,20 +151,13 @@ def _overhead_on_same_connection(p: Peer, n: int) -> float:
         h = co()
         t1 = clock()
         c, d = conn(h), driver(h)
-        if i & 1:
-            t2 = clock()
-            _query(c)
-            t3 = clock()
-            _query(d)
-            t4 = clock()
-            through, direct = t3 - t2, t4 - t3
-        else:
-            t2 = clock()
-            _query(d)
-            t3 = clock()
-            _query(c)
-            t4 = clock()
-            direct, through = t3 - t2, t4 - t3
+        first, second = (c, d) if i & 1 else (d, c)
+        t2 = clock()
+        _query(first)
+        t3 = clock()
+        _query(second)
+        t4 = clock()
+        through, direct = (t3 - t2, t4 - t3) if i & 1 else (t4 - t3, t3 - t2)
         t5 = clock()
         ci(h)
         diffs[i] = (t1 - t0) + (clock() - t5) + through - direct

@@ -59,6 +59,8 @@ _QUICK = 0.001
 # even within a fraction of a second, whatever a unit of work costs.
 _TURN = 0.016
 _pool_ids = itertools.count(1)
+_RETURNED = "this connection was returned to its pool and can no longer be used"
+_CURSOR_RETURNED = "this cursor's connection was returned to its pool"
 
 # Connections a forked child inherited from its parent. The child must never
 # use them, and must not let them be garbage collected either: finalising a
@@ -1137,7 +1139,7 @@ class PooledConnection:
     def _raw(self) -> Any:
         rec = self._rec
         if rec is None:
-            raise ConnectionReturned("this connection was returned to its pool and can no longer be used")
+            raise ConnectionReturned(_RETURNED)
         return rec.raw
 
     @property
@@ -1156,7 +1158,7 @@ class PooledConnection:
     def cursor(self, *args: Any, **kwargs: Any) -> PooledCursor:
         rec = self._rec  # self._raw(), inlined: every query goes through here
         if rec is None:
-            raise ConnectionReturned("this connection was returned to its pool and can no longer be used")
+            raise ConnectionReturned(_RETURNED)
         try:
             cur = rec.raw.cursor(*args, **kwargs)
         except Exception as exc:
@@ -1235,7 +1237,7 @@ class PooledCursor:
 
     def _cur(self) -> Any:
         if self._conn._rec is None:
-            raise ConnectionReturned("this cursor's connection was returned to its pool")
+            raise ConnectionReturned(_CURSOR_RETURNED)
         return self._cursor
 
     @property
@@ -1245,7 +1247,7 @@ class PooledCursor:
 
     def execute(self, *args: Any, **kwargs: Any) -> PooledCursor:
         if self._conn._rec is None:  # self._cur(), inlined here and in fetchall
-            raise ConnectionReturned("this cursor's connection was returned to its pool")
+            raise ConnectionReturned(_CURSOR_RETURNED)
         try:
             self._cursor.execute(*args, **kwargs)
         except Exception as exc:
@@ -1276,7 +1278,7 @@ class PooledCursor:
 
     def fetchall(self) -> Any:
         if self._conn._rec is None:
-            raise ConnectionReturned("this cursor's connection was returned to its pool")
+            raise ConnectionReturned(_CURSOR_RETURNED)
         try:
             return self._cursor.fetchall()
         except Exception as exc:
