@@ -13,7 +13,6 @@ import itertools
 import logging
 import os
 import random
-import select
 import threading
 import time
 import traceback
@@ -23,7 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from poolkit.classify import Category, Classification, Classifier, classify
-from poolkit.drivers import BROKEN, Driver, driver_for_connection
+from poolkit.drivers import BROKEN, Driver, driver_for_connection, socket_probe
 from poolkit.errors import (
     AmbiguousCommitError,
     ConnectionReturned,
@@ -43,7 +42,6 @@ logger = logging.getLogger("poolkit.pool")
 T = TypeVar("T")
 Hook = Callable[[Any], Any]
 
-_POLL_EVENTS = select.POLLIN | select.POLLPRI | getattr(select, "POLLRDHUP", 0)
 _INF = float("inf")
 # A caller that asks for a connection within this long of returning one "came
 # straight back": a loop of short units of work (see Pool._release).
@@ -84,17 +82,16 @@ class _Conn:
     __slots__ = (
         "__weakref__",
         "bad",
+        "check_at",
         "checked_out_at",
         "created_at",
         "epoch",
         "expires_at",
-        "fresh_until",
         "generation",
         "id",
         "last_used",
         "leak_logged",
         "orphans",
-        "ping_at",
         "poller",
         "raw",
         "retired",
@@ -123,8 +120,10 @@ class _Conn:
         self.created_at = now
         self.expires_at = expires_at
         self.last_used = now
-        self.fresh_until = expires_at  # min(expiry, last_used + max_idle_time): set by Pool._touch
-        self.ping_at = _INF  # last_used + ping_after when a ping hook is set: set by Pool._touch
+        # until then it may be handed out without a look at its age or a
+        # ping: min(expiry, last_used + max_idle_time, last_used + ping_after
+        # when a ping hook is set); set by Pool._touch
+        self.check_at = expires_at
         self.used = False  # handed out and returned at least once
         self.bad = ""  # set to a reason when an error showed the connection unusable
         self.poller: Any = None
@@ -158,7 +157,8 @@ class _Conn:
 class _AliveProbe:
     """The liveness probe for a driver whose connections have no socket to
     poll but can tell cheaply whether they are alive (``Driver.alive``).
-    Quacks like ``select.poll``: ``poll(0)`` is truthy when suspect."""
+    Quacks like :func:`poolkit.drivers.socket_probe`: ``poll(0, 1)`` is
+    truthy when suspect."""
 
     __slots__ = ("alive", "raw")
 
@@ -166,8 +166,11 @@ class _AliveProbe:
         self.alive = alive
         self.raw = raw
 
-    def poll(self, timeout: float) -> bool:
+    def poll(self, timeout: float, maxevents: int = -1) -> bool:
         return not self.alive(self.raw)
+
+    def close(self) -> None:
+        pass
 
 
 class _Waiter:
@@ -302,6 +305,8 @@ class Pool:
         self._liveness = liveness
         self._ping_hook = ping
         self._ping_after = float(ping_after)
+        # how long after its last use a connection needs a look before reuse
+        self._recheck_after = min(self._max_idle_time, self._ping_after) if ping else self._max_idle_time
         self._ping_timeout = float(ping_timeout)
         self._reset_hook = reset_session
         self._is_valid = is_valid
@@ -397,20 +402,28 @@ class Pool:
         then raises :class:`PoolTimeout`.
         """
         rec = None
-        with self._lock:
+        # The hot path takes the lock by hand: a `with` block costs 0.15 us
+        # here, acquire() and release() 0.07 us, and nothing between them can
+        # raise (the pop is from a non-empty list).
+        lock = self._lock
+        lock.acquire()
+        try:
             if self._idle and not self._closed and (not self._waiters or self._may_barge_locked()):
                 rec = self._idle.pop()
                 self._in_use += 1
                 self._acquired += 1
                 if self._out is not None:
                     self._out.add(rec)
+        finally:
+            lock.release()
         if rec is not None:
             # the hot path: a fresh, current connection whose socket is quiet
             now = self._clock()
-            if now < rec.fresh_until and now < rec.ping_at and rec.generation == self._generation:
-                suspect = rec.poller is not None and bool(rec.poller.poll(0))
+            if now < rec.check_at and rec.generation == self._generation:
+                suspect = rec.poller is not None and rec.poller.poll(0, 1)  # a non-empty list if suspect
                 if not suspect and not self._slow_checkout:
                     return PooledConnection(self, rec)
+                suspect = bool(suspect)
             else:
                 suspect = None  # not probed yet
             reason = self._check_out(rec, suspect)
@@ -438,9 +451,8 @@ class Pool:
     def _touch(self, rec: _Conn, now: float) -> None:
         """``rec`` was used at ``now``: when does it need a look before reuse?"""
         rec.last_used = now
-        idle_limit = now + self._max_idle_time
-        rec.fresh_until = idle_limit if idle_limit < rec.expires_at else rec.expires_at
-        rec.ping_at = now + self._ping_after if self._ping_hook else _INF
+        limit = now + self._recheck_after
+        rec.check_at = limit if limit < rec.expires_at else rec.expires_at
 
     def _acquire_slow(self, deadline: float) -> _Conn | None:
         """No idle connection was free: open one, or wait in line."""
@@ -586,8 +598,7 @@ class Pool:
         if self._liveness:
             fd = self._driver.socket_fd(raw)
             if fd is not None:
-                rec.poller = select.poll()
-                rec.poller.register(fd, _POLL_EVENTS)
+                rec.poller = socket_probe(fd)
             elif type(self._driver).alive is not Driver.alive:
                 rec.poller = _AliveProbe(self._driver.alive, raw)
         with self._lock:
@@ -642,7 +653,7 @@ class Pool:
             return "idle"
         raw = rec.raw
         if suspect is None:
-            suspect = rec.poller is not None and bool(rec.poller.poll(0))
+            suspect = rec.poller is not None and bool(rec.poller.poll(0, 1))
         if suspect or (self._ping_hook and now - rec.last_used >= self._ping_after):
             if not self._ping_hook:
                 return "bad"  # readable or hung up while idle, and no ping to ask
@@ -711,11 +722,12 @@ class Pool:
             if reason is None:  # _touch(), inlined: this is the hot path
                 now = self._clock()
                 rec.last_used = now
-                idle_limit = now + self._max_idle_time
-                rec.fresh_until = idle_limit if idle_limit < rec.expires_at else rec.expires_at
-                rec.ping_at = now + self._ping_after if self._ping_hook else _INF
+                limit = now + self._recheck_after
+                rec.check_at = limit if limit < rec.expires_at else rec.expires_at
                 rec.used = True
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # by hand, as in acquire(): this is the hot path
+        try:
             if self._out is not None:
                 self._out.discard(rec)
             if reason is None:
@@ -763,6 +775,8 @@ class Pool:
                 else:
                     reason = "idle"
             self._in_use -= 1
+        finally:
+            lock.release()
         self._log_discard(rec, reason)
         self._retire(rec, reason)
 
@@ -805,6 +819,8 @@ class Pool:
         ``keep_slot``: the caller opens a replacement in it."""
         rec.retired = True
         self._close_raw(rec.raw)
+        if rec.poller is not None:
+            rec.poller.close()
         with self._lock:
             self._closed_total += 1
             if reason in self._closed_by:

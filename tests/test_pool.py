@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import logging
 import os
+import select
 import threading
 import time
 from typing import Any
@@ -336,6 +338,45 @@ def test_liveness_probe_discards_a_connection_killed_while_idle(make_pool: Any, 
         conn.cursor().execute("SELECT 1")
     s = pool.stats()
     assert s.closed_bad == 1 and s.acquired == 2 and s.pings == 0
+
+
+def test_liveness_probe_works_without_a_descriptor_to_spare(
+    make_pool: Any, server: fakedb.Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The probe is an epoll set of its own; out of descriptors (EMFILE), the
+    # pool falls back to poll(), which needs none, and still probes.
+    def no_descriptors(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(select, "epoll", no_descriptors)
+    pool = make_pool(max_size=2, ping=False)
+    with pool.connection() as conn:
+        first = conn.driver_connection
+    first.kill()
+    with pool.connection() as conn:
+        assert conn.driver_connection is not first
+    assert pool.stats().closed_bad == 1
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc/self/fd")
+def test_a_retired_connection_frees_its_probe_at_once(make_pool: Any, server: fakedb.Server) -> None:
+    pool = make_pool(max_size=1, ping=False)
+    with pool.connection() as conn:
+        raw = conn.driver_connection
+    rec = pool._idle[-1]  # held on purpose: freeing must not wait for the garbage collector
+    before = _open_fds()
+    pool.invalidate()
+    with pool.connection():
+        pass  # the old connection is retired, a new one opened in its slot
+    assert raw.closed
+    # the old connection's socketpair and probe (3 descriptors) are gone, the
+    # new one's are open: as many as before, not one more
+    assert _open_fds() == before
+    assert rec.retired
 
 
 def test_liveness_probe_then_ping_keeps_a_readable_but_healthy_connection(

@@ -24,6 +24,7 @@ from poolkit.drivers._base import (
     UNKNOWN,
     DelegatingDriver,
     Driver,
+    socket_probe,
 )
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "driver_for_connection",
     "driver_for_module",
     "register_driver",
+    "socket_probe",
 ]
 
 # top-level package of the driver -> module of poolkit that supports it

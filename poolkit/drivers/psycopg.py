@@ -21,13 +21,15 @@ RESET_SQL = (
 
 _OK_RESULTS = (pq.ExecStatus.EMPTY_QUERY, pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK)
 
-# libpq transaction status -> poolkit state
+# libpq transaction status -> poolkit state. Keyed by plain int: the status
+# arrives as an int, and looking an int up among IntEnum keys takes the slow
+# comparison (this runs on every return).
 _TX_STATE = {
-    pq.TransactionStatus.IDLE: IDLE,
-    pq.TransactionStatus.INTRANS: IN_TRANSACTION,
-    pq.TransactionStatus.INERROR: IN_TRANSACTION,
-    pq.TransactionStatus.ACTIVE: BROKEN,  # a query is still running
-    pq.TransactionStatus.UNKNOWN: BROKEN,  # the connection is bad
+    int(pq.TransactionStatus.IDLE): IDLE,
+    int(pq.TransactionStatus.INTRANS): IN_TRANSACTION,
+    int(pq.TransactionStatus.INERROR): IN_TRANSACTION,
+    int(pq.TransactionStatus.ACTIVE): BROKEN,  # a query is still running
+    int(pq.TransactionStatus.UNKNOWN): BROKEN,  # the connection is bad
 }
 
 _SQLSTATE_RULES = {
