@@ -16,12 +16,11 @@ health-checking configuration, that one is a peer of its own:
 
 from __future__ import annotations
 
-import select
 import threading
 from collections.abc import Callable
 from typing import Any
 
-from poolkit.drivers import IN_TRANSACTION, UNKNOWN, driver_for_connection
+from poolkit.drivers import IN_TRANSACTION, UNKNOWN, driver_for_connection, socket_probe
 
 ALL = ("raw", "bare", "poolkit", "queuepool", "queuepool_preping", "psycopg_pool", "psycopg_pool_check", "dbutils")
 
@@ -103,7 +102,12 @@ class Raw(Peer):
 
 
 class Bare(Peer):
-    """The floor for a pool that does poolkit's checks: lock, list, probe, state."""
+    """The floor for a pool that does poolkit's checks: lock, list, probe, state.
+
+    It does them as cheaply as poolkit knows how (the same probe, the lock
+    taken by hand, a notify only when somebody waits), so that it stays the
+    floor: what is left between it and poolkit is poolkit's own bookkeeping.
+    """
 
     name = "bare"
 
@@ -111,24 +115,29 @@ class Bare(Peer):
         super().__init__(connect, size)
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
+        self.waiting = 0
         self.idle: list[tuple[Any, Any]] = []
         for _ in range(size):
             c = connect()
             driver = driver_for_connection(c)
             fd = driver.socket_fd(c)
-            poller = None
-            if fd is not None:
-                poller = select.poll()
-                poller.register(fd, select.POLLIN | select.POLLPRI)
-            self.idle.append((c, poller))
+            self.idle.append((c, socket_probe(fd) if fd is not None else None))
         self.driver = driver
 
     def checkout(self) -> Any:
-        with self.cond:
+        lock = self.lock
+        lock.acquire()
+        try:
             while not self.idle:
-                self.cond.wait()
+                self.waiting += 1
+                try:
+                    self.cond.wait()
+                finally:
+                    self.waiting -= 1
             item = self.idle.pop()
-        if item[1] is not None and item[1].poll(0):
+        finally:
+            lock.release()
+        if item[1] is not None and item[1].poll(0, 1):
             raise RuntimeError("bare pool: dead connection (it has no recovery)")
         return item
 
@@ -136,9 +145,14 @@ class Bare(Peer):
         state = self.driver.transaction_state(handle[0])
         if state in (IN_TRANSACTION, UNKNOWN):
             handle[0].rollback()
-        with self.cond:
+        lock = self.lock
+        lock.acquire()
+        try:
             self.idle.append(handle)
-            self.cond.notify()
+            if self.waiting:
+                self.cond.notify()
+        finally:
+            lock.release()
 
     def conn(self, handle: Any) -> Any:
         return handle[0]
@@ -147,8 +161,10 @@ class Bare(Peer):
         pass
 
     def close(self) -> None:
-        for c, _ in self.idle:
+        for c, probe in self.idle:
             c.close()
+            if probe is not None:
+                probe.close()
 
 
 class Poolkit(Peer):

@@ -11,7 +11,6 @@ of those ratios is reported.
 from __future__ import annotations
 
 import random
-import select
 import statistics
 import threading
 import time
@@ -272,7 +271,7 @@ def contention(names: list[str], backend: Backend, s: Settings) -> dict[str, Any
 def liveness(names: list[str], backend: Backend, s: Settings) -> dict[str, Any]:
     """What the probe costs against a SELECT 1 round trip, and whether each
     pool hands out a connection the server killed while it was idle."""
-    from poolkit.drivers import Driver, driver_for_connection
+    from poolkit.drivers import Driver, driver_for_connection, socket_probe
 
     raw = backend.connect()
     fd = driver_for_connection(raw).socket_fd(raw)
@@ -284,13 +283,13 @@ def liveness(names: list[str], backend: Backend, s: Settings) -> dict[str, Any]:
         rt.append(time.perf_counter_ns() - t0)
     out: dict[str, Any] = {"select1_p50_ns": pct(rt, 50)}
     if fd is not None:
-        poller = select.poll()
-        poller.register(fd, select.POLLIN | select.POLLPRI)
+        poller = socket_probe(fd)  # the probe poolkit runs
         probe = []
         for _ in range(n):
             t0 = time.perf_counter_ns()
-            poller.poll(0)
+            poller.poll(0, 1)
             probe.append(time.perf_counter_ns() - t0)
+        poller.close()
         out["probe_p50_ns"] = pct(probe, 50)
     elif type(driver_for_connection(raw)).alive is not Driver.alive:
         alive = driver_for_connection(raw).alive  # e.g. dqlite: the client's own view of its transport
