@@ -39,6 +39,27 @@ def test_connection_killed_while_idle_is_never_handed_out(net_backend: Any) -> N
         assert s.closed_bad == 1
 
 
+def test_a_connection_its_driver_closed_behind_the_pools_back_is_discarded_on_return(net_backend: Any) -> None:
+    """The driver closes its socket on an error the pool never saw (raised on
+    the driver's own connection). The probe cannot see a closed socket (it
+    leaves the probe's epoll set), so the state read on return must catch it;
+    ping is off, so nothing at checkout would."""
+    with Pool(net_backend.connect, max_size=1, ping=False) as pool:
+        with pool.connection() as conn:
+            raw = conn.driver_connection
+            net_backend.kill(raw)
+            with pytest.raises(Exception):  # whatever the driver raises
+                cur = raw.cursor()  # around the pool's proxy: it sees nothing
+                cur.execute("SELECT 1")
+                cur.fetchall()
+        assert pool.stats().closed_bad == 1
+        with pool.connection() as conn:
+            assert conn.driver_connection is not raw
+            cur = conn.cursor()
+            cur.execute("SELECT 1")
+            assert cur.fetchone()[0] == 1
+
+
 def test_killed_idle_connections_detected_without_ping_round_trip(net_backend: Any) -> None:
     """The liveness probe alone (ping off) catches the server's kill."""
     with Pool(net_backend.connect, max_size=3, ping=False) as pool:
