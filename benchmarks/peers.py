@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from poolkit.drivers import IN_TRANSACTION, UNKNOWN, driver_for_connection, socket_probe
+from poolkit.drivers import IN_TRANSACTION, UNKNOWN, driver_for_connection, liveness_probe
 
 ALL = ("raw", "bare", "poolkit", "queuepool", "queuepool_preping", "psycopg_pool", "psycopg_pool_check", "dbutils")
 
@@ -120,8 +120,7 @@ class Bare(Peer):
         for _ in range(size):
             c = connect()
             driver = driver_for_connection(c)
-            fd = driver.socket_fd(c)
-            self.idle.append((c, socket_probe(fd) if fd is not None else None))
+            self.idle.append((c, liveness_probe(driver, c)))  # poolkit's own probe
         self.driver = driver
 
     def checkout(self) -> Any:

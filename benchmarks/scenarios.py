@@ -271,10 +271,9 @@ def contention(names: list[str], backend: Backend, s: Settings) -> dict[str, Any
 def liveness(names: list[str], backend: Backend, s: Settings) -> dict[str, Any]:
     """What the probe costs against a SELECT 1 round trip, and whether each
     pool hands out a connection the server killed while it was idle."""
-    from poolkit.drivers import Driver, driver_for_connection, socket_probe
+    from poolkit.drivers import driver_for_connection, liveness_probe
 
     raw = backend.connect()
-    fd = driver_for_connection(raw).socket_fd(raw)
     n = max(1000, s.burst)
     rt = []
     for _ in range(n):
@@ -282,22 +281,14 @@ def liveness(names: list[str], backend: Backend, s: Settings) -> dict[str, Any]:
         _query(raw)
         rt.append(time.perf_counter_ns() - t0)
     out: dict[str, Any] = {"select1_p50_ns": pct(rt, 50)}
-    if fd is not None:
-        poller = socket_probe(fd)  # the probe poolkit runs
+    poller = liveness_probe(driver_for_connection(raw), raw)  # the probe poolkit runs
+    if poller is not None:
         probe = []
         for _ in range(n):
             t0 = time.perf_counter_ns()
             poller.poll(0, 1)
             probe.append(time.perf_counter_ns() - t0)
         poller.close()
-        out["probe_p50_ns"] = pct(probe, 50)
-    elif type(driver_for_connection(raw)).alive is not Driver.alive:
-        alive = driver_for_connection(raw).alive  # e.g. dqlite: the client's own view of its transport
-        probe = []
-        for _ in range(n):
-            t0 = time.perf_counter_ns()
-            alive(raw)
-            probe.append(time.perf_counter_ns() - t0)
         out["probe_p50_ns"] = pct(probe, 50)
     else:
         out["probe_p50_ns"] = None

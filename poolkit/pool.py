@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from poolkit.classify import Category, Classification, Classifier, classify
-from poolkit.drivers import BROKEN, Driver, driver_for_connection, socket_probe
+from poolkit.drivers import BROKEN, Driver, driver_for_connection, liveness_probe
 from poolkit.errors import (
     AmbiguousCommitError,
     ConnectionReturned,
@@ -152,25 +152,6 @@ class _Conn:
             self.orphans.append(twin)
         except Exception:  # interpreter shutdown
             pass
-
-
-class _AliveProbe:
-    """The liveness probe for a driver whose connections have no socket to
-    poll but can tell cheaply whether they are alive (``Driver.alive``).
-    Quacks like :func:`poolkit.drivers.socket_probe`: ``poll(0, 1)`` is
-    truthy when suspect."""
-
-    __slots__ = ("alive", "raw")
-
-    def __init__(self, alive: Callable[[Any], bool], raw: Any) -> None:
-        self.alive = alive
-        self.raw = raw
-
-    def poll(self, timeout: float, maxevents: int = -1) -> bool:
-        return not self.alive(self.raw)
-
-    def close(self) -> None:
-        pass
 
 
 class _Waiter:
@@ -596,11 +577,7 @@ class Pool:
         rec = _Conn(raw, next(self._ids), generation, epoch, now, now + lifetime, self._orphans)
         self._touch(rec, now)
         if self._liveness:
-            fd = self._driver.socket_fd(raw)
-            if fd is not None:
-                rec.poller = socket_probe(fd)
-            elif type(self._driver).alive is not Driver.alive:
-                rec.poller = _AliveProbe(self._driver.alive, raw)
+            rec.poller = liveness_probe(self._driver, raw)
         with self._lock:
             self._opening -= 1
             self._created += 1

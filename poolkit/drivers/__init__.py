@@ -24,7 +24,7 @@ from poolkit.drivers._base import (
     UNKNOWN,
     DelegatingDriver,
     Driver,
-    socket_probe,
+    liveness_probe,
 )
 
 __all__ = [
@@ -36,8 +36,8 @@ __all__ = [
     "Driver",
     "driver_for_connection",
     "driver_for_module",
+    "liveness_probe",
     "register_driver",
-    "socket_probe",
 ]
 
 # top-level package of the driver -> module of poolkit that supports it

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import select
 import sys
+from collections.abc import Callable
 from typing import Any
 
 # Transaction states, as plain ints: the release path reads one per checkin.
@@ -291,3 +292,34 @@ class DelegatingDriver(Driver):
     def ago(self, conn: Any, seconds: float) -> tuple[str, Any]:
         raw, d = self._inner(conn)
         return d.ago(raw, seconds)
+
+
+class _AliveProbe:
+    """The liveness probe for a driver whose connections have no socket to
+    poll but can tell cheaply whether they are alive (``Driver.alive``).
+    Quacks like the socket probe: ``poll(0, 1)`` is truthy when suspect."""
+
+    __slots__ = ("alive", "raw")
+
+    def __init__(self, alive: Callable[[Any], bool], raw: Any) -> None:
+        self.alive = alive
+        self.raw = raw
+
+    def poll(self, timeout: float, maxevents: int = -1) -> bool:
+        return not self.alive(self.raw)
+
+    def close(self) -> None:
+        pass
+
+
+def liveness_probe(driver: Driver, conn: Any) -> Any:
+    """The probe the pool runs before reusing ``conn``, costing no round trip:
+    ``poll(0, 1)`` is truthy when the connection is suspect (its socket is
+    readable or hung up, or the driver says it is not alive) and ``close()``
+    frees it. None when the driver has neither a socket nor an ``alive``."""
+    fd = driver.socket_fd(conn)
+    if fd is not None:
+        return socket_probe(fd)
+    if type(driver).alive is not Driver.alive:
+        return _AliveProbe(driver.alive, conn)
+    return None
