@@ -383,9 +383,8 @@ class Pool:
         then raises :class:`PoolTimeout`.
         """
         rec = None
-        # The hot path takes the lock by hand: a `with` block costs 0.15 us
-        # here, acquire() and release() 0.07 us, and nothing between them can
-        # raise (the pop is from a non-empty list).
+        # The hot path takes the lock by hand, released in a finally: a
+        # `with` block costs 0.15 us here, acquire() and release() 0.07 us.
         lock = self._lock
         lock.acquire()
         try:
