@@ -340,15 +340,34 @@ def test_liveness_probe_discards_a_connection_killed_while_idle(make_pool: Any, 
     assert s.closed_bad == 1 and s.acquired == 2 and s.pings == 0
 
 
-def test_liveness_probe_works_without_a_descriptor_to_spare(
-    make_pool: Any, server: fakedb.Server, monkeypatch: pytest.MonkeyPatch
+class _UnwatchableEpoll:
+    """An epoll set that refuses the socket, as for a descriptor epoll cannot watch."""
+
+    made: list[_UnwatchableEpoll] = []
+
+    def __init__(self, *args: Any) -> None:
+        self.closed = False
+        self.made.append(self)
+
+    def register(self, fd: int, events: int) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("failure", ["no descriptor to spare", "register refused"])
+def test_liveness_probe_falls_back_to_poll_when_epoll_fails(
+    make_pool: Any, server: fakedb.Server, monkeypatch: pytest.MonkeyPatch, failure: str
 ) -> None:
-    # The probe is an epoll set of its own; out of descriptors (EMFILE), the
-    # pool falls back to poll(), which needs none, and still probes.
+    # The probe is an epoll set of its own. Out of descriptors (EMFILE), or
+    # with the socket refused by epoll, the pool falls back to poll(), which
+    # needs no descriptor, and still probes; a half-made set is closed.
     def no_descriptors(*args: Any, **kwargs: Any) -> Any:
         raise OSError(errno.EMFILE, "Too many open files")
 
-    monkeypatch.setattr(select, "epoll", no_descriptors)
+    _UnwatchableEpoll.made = []
+    monkeypatch.setattr(select, "epoll", no_descriptors if failure == "no descriptor to spare" else _UnwatchableEpoll)
     pool = make_pool(max_size=2, ping=False)
     with pool.connection() as conn:
         first = conn.driver_connection
@@ -356,6 +375,9 @@ def test_liveness_probe_works_without_a_descriptor_to_spare(
     with pool.connection() as conn:
         assert conn.driver_connection is not first
     assert pool.stats().closed_bad == 1
+    assert all(e.closed for e in _UnwatchableEpoll.made)
+    if failure == "register refused":
+        assert _UnwatchableEpoll.made
 
 
 def _open_fds() -> int:

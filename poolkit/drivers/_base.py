@@ -57,7 +57,11 @@ def socket_probe(fd: int) -> Any:
             probe = select.epoll()
         except OSError:  # out of descriptors (EMFILE): poll() needs none
             return _PollProbe(fd)
-        probe.register(fd, _EPOLL_EVENTS)
+        try:
+            probe.register(fd, _EPOLL_EVENTS)
+        except OSError:  # a descriptor epoll cannot watch (EPERM), or ENOMEM
+            probe.close()
+            return _PollProbe(fd)
         return probe
     return _PollProbe(fd)  # pragma: no cover - not Linux
 
@@ -246,11 +250,7 @@ class DelegatingDriver(Driver):
         raw, d = self._inner(conn)
         fd = d.socket_fd(raw)
         if fd is not None:  # poll the inner socket here: the pool sees no fd of ours
-            import select
-
-            p = select.poll()
-            p.register(fd, select.POLLIN | select.POLLPRI)
-            return not p.poll(0)
+            return not _PollProbe(fd).poll(0)  # one look: poll() needs no descriptor of its own
         return d.alive(raw)
 
     def open(self, conn: Any) -> None:
