@@ -57,6 +57,7 @@ _QUICK = 0.001
 # even within a fraction of a second, whatever a unit of work costs.
 _TURN = 0.016
 _pool_ids = itertools.count(1)
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep  # left out of leak stacks
 _RETURNED = "this connection was returned to its pool and can no longer be used"
 _CURSOR_RETURNED = "this cursor's connection was returned to its pool"
 
@@ -120,9 +121,10 @@ class _Conn:
         self.created_at = now
         self.expires_at = expires_at
         self.last_used = now
-        # until then it may be handed out without a look at its age or a
-        # ping: min(expiry, last_used + max_idle_time, last_used + ping_after
-        # when a ping hook is set); set by Pool._touch
+        # until then it may be handed out with no check but the liveness
+        # probe: min(expiry, last_used + max_idle_time, last_used + ping_after
+        # when a ping hook is set), or -inf when every checkout runs a hook
+        # (reset_session, leak tracking); set by Pool._touch
         self.check_at = expires_at
         self.used = False  # handed out and returned at least once
         self.bad = ""  # set to a reason when an error showed the connection unusable
@@ -286,8 +288,6 @@ class Pool:
         self._liveness = liveness
         self._ping_hook = ping
         self._ping_after = float(ping_after)
-        # how long after its last use a connection needs a look before reuse
-        self._recheck_after = min(self._max_idle_time, self._ping_after) if ping else self._max_idle_time
         self._ping_timeout = float(ping_timeout)
         self._reset_hook = reset_session
         self._is_valid = is_valid
@@ -297,8 +297,12 @@ class Pool:
         self._driver: Driver | None = driver
         self._tx_state: Callable[[Any], int] | None = driver.transaction_state if driver is not None else None
         self._driver_checked = False
-        # the checkout needs more than the fast path's checks on every reuse
-        self._slow_checkout = bool(reset_session) or leak_timeout is not None
+        # How long after its last use a connection needs a look before reuse
+        # (see _Conn.check_at): never, when every checkout runs a hook.
+        if reset_session or leak_timeout is not None:
+            self._recheck_after = -_INF
+        else:
+            self._recheck_after = min(self._max_idle_time, self._ping_after) if ping else self._max_idle_time
         self._maintenance_interval = float(maintenance_interval)
         self._handoff_after = float(handoff_after)
         self._handoff_streak = handoff_streak
@@ -328,9 +332,11 @@ class Pool:
         self._generation = 0
         self._epoch = 0  # bumped in a forked child
         self._closed = False
+        self._simple_return = True  # see _update_return_path_locked
         self._last_connect_error: BaseException | None = None
         self._returned = threading.Condition(self._lock)  # close() waits on it
         self._zero_counters_locked()
+        self._update_return_path_locked()
 
         self._orphans: deque[_Conn] = deque()  # dropped proxies; appended without the lock
         self._stop = threading.Event()
@@ -350,6 +356,16 @@ class Pool:
         if isinstance(retry, Retry):
             return retry
         raise TypeError(f"retry must be a poolkit.Retry, True, False or None, not {type(retry).__name__}")
+
+    def _update_return_path_locked(self) -> None:
+        """May a returned connection go straight back on the idle stack, once
+        its generation is current and nobody waits? Not when the pool is
+        closed, tracks leaks, or has more connections than it may keep (it
+        was shrunk, or keeps fewer idle than ``max_size``). Called whenever
+        one of these changes."""
+        self._simple_return = (
+            not self._closed and self._out is None and self._open <= self._max_size and self._max_idle >= self._max_size
+        )
 
     def _zero_counters_locked(self) -> None:
         self._acquired = 0
@@ -388,22 +404,23 @@ class Pool:
         lock = self._lock
         lock.acquire()
         try:
-            if self._idle and not self._closed and (not self._waiters or self._may_barge_locked()):
-                rec = self._idle.pop()
+            # Under the lock, the idle stack is empty once the pool is closed
+            # and holds only connections of the current generation: close(),
+            # invalidate() and _release() see to it. No need to check either.
+            idle = self._idle
+            if idle and (not self._waiters or self._may_barge_locked()):
+                rec = idle.pop()
                 self._in_use += 1
                 self._acquired += 1
-                if self._out is not None:
-                    self._out.add(rec)
         finally:
             lock.release()
         if rec is not None:
-            # the hot path: a fresh, current connection whose socket is quiet
-            now = self._clock()
-            if now < rec.check_at and rec.generation == self._generation:
-                suspect = rec.poller is not None and rec.poller.poll(0, 1)  # a non-empty list if suspect
-                if not suspect and not self._slow_checkout:
+            # the hot path: a fresh connection whose socket is quiet
+            if self._clock() < rec.check_at:
+                poller = rec.poller
+                if poller is None or not poller.poll(0, 1):  # a non-empty list if suspect
                     return PooledConnection(self, rec)
-                suspect = bool(suspect)
+                suspect: bool | None = True
             else:
                 suspect = None  # not probed yet
             reason = self._check_out(rec, suspect)
@@ -425,8 +442,6 @@ class Pool:
     def _take_locked(self, rec: _Conn) -> None:
         self._in_use += 1
         self._acquired += 1
-        if self._out is not None:
-            self._out.add(rec)
 
     def _touch(self, rec: _Conn, now: float) -> None:
         """``rec`` was used at ``now``: when does it need a look before reuse?"""
@@ -485,8 +500,6 @@ class Pool:
             waiter = self._waiters.popleft()
             rec = self._idle.pop()
             self._in_use += 1
-            if self._out is not None:
-                self._out.add(rec)
             rec.streak = 0
             rec.turn_mark = now
             waiter.rec = rec
@@ -614,6 +627,8 @@ class Pool:
             self._retire(victim, "refreshed", keep_slot=True)
         rec = self._open_in_slot(deadline)
         if rec is not None:
+            if self._out is not None:
+                self._track_lease(rec, self._clock())
             return PooledConnection(self, rec)
         return self.acquire(max(0.0, deadline - time.monotonic()))
 
@@ -644,13 +659,20 @@ class Pool:
             except Exception as exc:
                 logger.warning("pool %r: reset_session failed on connection %d: %r", self.name, rec.id, exc)
                 return "invalid"
-        if self._leak_timeout is not None:
-            rec.checked_out_at = now
-            rec.stack = traceback.extract_stack()[:-3]
-            rec.leak_logged = False
         if rec.generation != self._generation:  # invalidated while we pinged
             return "invalidated"
+        if self._out is not None:
+            self._track_lease(rec, now)
         return None
+
+    def _track_lease(self, rec: _Conn, now: float) -> None:
+        """Leak tracking: note when and from where ``rec`` was checked out."""
+        rec.checked_out_at = now
+        rec.stack = [f for f in traceback.extract_stack() if not f.filename.startswith(_PACKAGE_DIR)]
+        rec.leak_logged = False
+        with self._lock:
+            if self._out is not None:
+                self._out.add(rec)
 
     def _ping(self, rec: _Conn) -> bool:
         ok = True
@@ -704,6 +726,10 @@ class Pool:
         lock = self._lock
         lock.acquire()  # by hand, as in acquire(): this is the hot path
         try:
+            if reason is None and self._simple_return and rec.generation == self._generation and not self._waiters:
+                self._in_use -= 1
+                self._idle.append(rec)
+                return
             if self._out is not None:
                 self._out.discard(rec)
             if reason is None:
@@ -803,6 +829,8 @@ class Pool:
                 self._closed_by[reason] += 1
             if not keep_slot:
                 self._open -= 1
+                if not self._simple_return:  # shrunk: fits again now?
+                    self._update_return_path_locked()
                 self._grant_locked()
             if self._closed and not self._in_use:
                 self._returned.notify_all()
@@ -886,6 +914,7 @@ class Pool:
                 raise ValueError(f"max_size ({max_size}) must not be below min_size ({self._min_size})")
             self._max_size = max_size
             self._max_idle = min(self._max_idle, max_size)
+            self._update_return_path_locked()
             excess = min(len(self._idle), max(0, self._open - max_size))
             closing, self._idle = self._idle[:excess], self._idle[excess:]  # oldest first
             self._grant_locked()
@@ -900,6 +929,7 @@ class Pool:
             if self._closed:
                 return
             self._closed = True
+            self._update_return_path_locked()
             idle, self._idle = self._idle, []
             waiters = list(self._waiters)
             self._waiters.clear()
@@ -1014,6 +1044,7 @@ class Pool:
         self._orphans = deque()
         self._open = 0
         self._opening = 0
+        self._update_return_path_locked()
         self._generation += 1
         self._epoch += 1
         self._stop = threading.Event()

@@ -878,6 +878,43 @@ def test_resize_grows_for_waiters_and_shrinks_idle(make_pool: Any) -> None:
         pool.resize(0)
 
 
+def test_after_shrinking_returns_close_until_the_pool_fits_and_then_stay(make_pool: Any) -> None:
+    pool = make_pool(max_size=3)
+    a, b, c = pool.acquire(), pool.acquire(), pool.acquire()
+    pool.resize(1)
+    assert pool.stats().open == 3  # all three are out: nothing to close yet
+    a.close()
+    b.close()
+    assert (pool.stats().open, pool.stats().idle) == (1, 0)  # closed on return
+    kept = c.driver_connection
+    c.close()
+    assert (pool.stats().open, pool.stats().idle) == (1, 1)  # fits now: kept
+    assert pool._simple_return  # and returns take the short way again
+    with pool.connection() as again:
+        assert again.driver_connection is kept
+    assert (pool.stats().open, pool.stats().idle) == (1, 1)
+
+
+def test_max_idle_below_max_size_closes_the_returns_beyond_it(make_pool: Any, server: fakedb.Server) -> None:
+    pool = make_pool(max_size=3, max_idle=1)
+    held = [pool.acquire() for _ in range(3)]
+    for conn in held:
+        conn.close()
+    assert (pool.stats().open, pool.stats().idle) == (1, 1)
+    assert len(server.open_connections) == 1
+
+
+def test_a_returned_connection_is_no_longer_watched_for_leaks(make_pool: Any, clock: Any, caplog: Any) -> None:
+    pool = make_pool(leak_timeout=10, name="leaky")
+    pool.acquire().close()
+    with pool.connection():
+        pass
+    clock.advance(11)
+    with caplog.at_level(logging.WARNING, logger="poolkit.pool"):
+        pool._maintain()
+    assert "checked out for" not in caplog.text
+
+
 # ----------------------------------------------------- leaks, fork safety
 
 
@@ -895,6 +932,28 @@ def test_leaked_connection_is_logged_with_the_checkout_stack(make_pool: Any, clo
     records = [r for r in caplog.records if "checked out for" in r.getMessage()]
     assert len(records) == 1
     assert "checkout_site" in records[0].getMessage()
+    conn.close()
+
+
+def test_a_connection_opened_fresh_for_a_retry_is_leak_tracked_from_its_checkout(
+    make_pool: Any, clock: Any, caplog: Any
+) -> None:
+    # pool.run's last attempt opens a fresh connection (_acquire_fresh), which
+    # skips the reuse checks: its lease must still be timed from checkout.
+    pool = make_pool(leak_timeout=10, name="leaky")
+
+    def retry_site() -> Any:
+        return pool._acquire_fresh(None)
+
+    conn = retry_site()
+    clock.advance(5)
+    with caplog.at_level(logging.WARNING, logger="poolkit.pool"):
+        pool._maintain()
+        assert "checked out for" not in caplog.text  # 5 s is within leak_timeout
+        clock.advance(6)
+        pool._maintain()
+    assert "checked out for 11.0s" in caplog.text
+    assert "retry_site" in caplog.text
     conn.close()
 
 
