@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
+from collections import Counter
 from typing import Any
 
 from benchmarks import peers as peers_mod
@@ -80,6 +82,29 @@ class Progress:
         sys.stderr.flush()
 
 
+class LogToFile(logging.FileHandler):
+    """What the pools log while they run (a peer's traceback for every
+    connection the failover kills, poolkit's warnings) goes to a file in the
+    results folder instead of over the progress bar; the terminal gets a count."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, mode="w", encoding="utf-8", delay=True)
+        self.setLevel(logging.WARNING)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.counts: Counter[str] = Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.counts[record.name.partition(".")[0]] += 1
+        super().emit(record)
+
+    def summary(self) -> str:
+        total = sum(self.counts.values())
+        if not total:
+            return "log: nothing at WARNING or above"
+        by = ", ".join(f"{name} {n}" for name, n in self.counts.most_common())
+        return f"log: {total} messages at WARNING or above ({by}) in {self.baseFilename}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     chosen = [name for names in args.scenario or [] for name in names]
@@ -127,18 +152,25 @@ def main(argv: list[str] | None = None) -> int:
         "scenarios": {},
         "skipped": skipped,
     }
+    os.makedirs(args.out, exist_ok=True)
+    log = LogToFile(os.path.join(args.out, f"bench-{backend.name}.log"))
+    root = logging.getLogger()
+    root.addHandler(log)
     try:
         for name in scenarios:
             results["scenarios"][name] = SCENARIOS[name](names, backend, settings)
     finally:
         backend.close()
+        root.removeHandler(log)
+        log.close()
     results["targets"] = report.targets(results)
-    os.makedirs(args.out, exist_ok=True)
+    results["log"] = {"path": log.baseFilename if log.counts else None, "messages": dict(log.counts)}
     path = os.path.join(args.out, f"bench-{backend.name}.json")
     report.write_json(results, path)
     charts = report.charts(results, args.out)
     print(report.render(results))
     print(f"\nresults: {path}" + (f"; charts: {', '.join(charts)}" if charts else "; charts: matplotlib not installed"))
+    print(log.summary())
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,3 +42,19 @@ def test_scenarios_can_be_chosen_comma_separated(tmp_path: Path, capsys: pytest.
     with pytest.raises(SystemExit):
         main(["--scenario", "checkout,nosuch"])
     assert "unknown scenario nosuch" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_what_the_pools_log_goes_to_a_file_not_over_the_progress_bar(
+    pg: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the failover scenario kills poolkit's connections, and poolkit warns of each one it discards
+    run = ["--quick", "--backend", "postgresql", "--scenario", "failover", "--pools", "poolkit"]
+    assert main([*run, "--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    log = (tmp_path / "bench-postgresql.log").read_text()
+    assert "discarded connection" in log
+    assert "discarded connection" not in captured.err
+    data = json.loads((tmp_path / "bench-postgresql.json").read_text())
+    assert data["log"]["messages"]["poolkit"] >= 1
+    assert f"log: {sum(data['log']['messages'].values())} messages" in captured.out
