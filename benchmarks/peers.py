@@ -12,6 +12,11 @@ health-checking configuration, that one is a peer of its own:
   ``ConnectionPool`` (PostgreSQL only), ``getconn``/``putconn``, without and
   with ``check=ConnectionPool.check_connection``;
 - ``dbutils``: DBUtils ``PooledDB`` (its default ``ping=1``).
+
+Queries go through what each pool hands out, as its users run them:
+poolkit's proxy, SQLAlchemy's connection fairy, DBUtils' "tough" connection
+wrapper (which reconnects and runs a failed statement again), psycopg_pool's
+connection itself. ``driver_conn`` is the driver's connection behind it.
 """
 
 from __future__ import annotations
@@ -221,8 +226,8 @@ class QueuePoolPeer(Peer):
     def checkin(self, handle: Any) -> None:
         handle.close()
 
-    def conn(self, handle: Any) -> Any:
-        return handle.dbapi_connection
+    def driver_conn(self, handle: Any) -> Any:
+        return handle.dbapi_connection  # queries go through the fairy, as pool.connect() users run them
 
     def close(self) -> None:
         self.engine.dispose()
@@ -291,8 +296,10 @@ class DBUtilsPeer(Peer):
     def checkin(self, handle: Any) -> None:
         handle.close()
 
-    def conn(self, handle: Any) -> Any:
-        return handle._con._con  # PooledDedicatedDBConnection -> SteadyDBConnection -> driver
+    def driver_conn(self, handle: Any) -> Any:
+        # PooledDedicatedDBConnection -> SteadyDBConnection -> driver; queries
+        # go through the first, as DBUtils users run them (its cursors are "tough")
+        return handle._con._con
 
     def close(self) -> None:
         self.pool.close()

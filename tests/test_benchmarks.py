@@ -4,12 +4,15 @@ asserted: these machines are too noisy for that."""
 
 from __future__ import annotations
 
+import functools
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from benchmarks import peers
 from benchmarks.__main__ import main
 
 
@@ -58,3 +61,22 @@ def test_what_the_pools_log_goes_to_a_file_not_over_the_progress_bar(
     data = json.loads((tmp_path / "bench-postgresql.json").read_text())
     assert data["log"]["messages"]["poolkit"] >= 1
     assert f"log: {sum(data['log']['messages'].values())} messages" in captured.out
+
+
+@pytest.mark.parametrize(
+    ("name", "package"), [("poolkit", "poolkit"), ("queuepool", "sqlalchemy"), ("dbutils", "dbutils")]
+)
+def test_each_pool_is_queried_through_what_it_hands_out(tmp_path: Path, name: str, package: str) -> None:
+    # a peer measured on the driver's connection would skip its own wrappers'
+    # cost, and their behaviour (DBUtils runs a failed statement again)
+    connect = functools.partial(sqlite3.connect, str(tmp_path / "p.db"), check_same_thread=False)
+    p = peers.make(name, peers.Counting(connect), 1)
+    try:
+        h = p.checkout()
+        try:
+            assert type(p.conn(h)).__module__.partition(".")[0] == package
+            assert isinstance(p.driver_conn(h), sqlite3.Connection)
+        finally:
+            p.checkin(h)
+    finally:
+        p.close()
