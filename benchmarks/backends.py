@@ -113,7 +113,7 @@ class Backend:
                 cur.execute(sql)
                 return list(cur.fetchall())
         cur = self.admin.execute(sql)
-        rows = cur.fetchall()
+        rows = list(cur.fetchall())
         self.admin.commit()
         return rows
 
@@ -139,7 +139,7 @@ def open_backend(name: str, dsn: str | None) -> Backend:
     if name == "sqlite":
         path = dsn or os.path.join(tempfile.mkdtemp(prefix="poolkit-bench-"), "bench.db")
         connect = functools.partial(sqlite3.connect, path, check_same_thread=False, timeout=5, isolation_level=None)
-        admin = sqlite3.connect(path, check_same_thread=False)
+        admin: Any = sqlite3.connect(path, check_same_thread=False)
         return Backend("sqlite", connect, dsn=path, admin=admin)
     if name == "postgresql":
         import psycopg

@@ -21,7 +21,7 @@ def environment(backend: Any) -> dict[str, Any]:
                     break
     except OSError:
         pass
-    versions = {}
+    versions: dict[str, str | None] = {}
     for pkg in ("poolkit", "SQLAlchemy", "psycopg", "psycopg-pool", "DBUtils", "PyMySQL", "tenacity", "dqlite-dbapi"):
         try:
             versions[pkg] = importlib.metadata.version(pkg)

@@ -14,7 +14,7 @@ import random
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +34,7 @@ class Settings:
     progress: Callable[[str], None] = field(default=lambda msg: None)
 
 
-def pct(values: list[float], q: float) -> float:
+def pct(values: Sequence[float], q: float) -> float:
     if not values:
         return float("nan")
     s = sorted(values)
@@ -354,7 +354,7 @@ def _failover_one(name: str, backend: Backend, s: Settings) -> dict[str, Any]:
     counting = Counting(backend.connect)
     p = peers_mod.make(name, counting, 4, dsn=backend.dsn, backend=backend.name)
     p.warm()
-    pool = getattr(p, "pool", None)
+    pool: Any = getattr(p, "pool", None)
     use_run = name == "poolkit"
     if use_run:
         pool.ledger = type(pool.ledger)(f"bench_ledger_{int(time.time())}")
