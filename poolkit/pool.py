@@ -279,7 +279,8 @@ class Pool:
         self.name = name if name is not None else f"pool-{next(_pool_ids)}"
         self._connect = connect
         self._min_size = min_size
-        self._max_idle = max_size if max_idle is None else max_idle
+        self._max_idle_option = max_idle  # None: follow max_size, through resize() too
+        self._max_idle = max_size if max_idle is None else min(max_idle, max_size)
         self._max_lifetime = _INF if max_lifetime is None else float(max_lifetime)
         self._lifetime_jitter = float(lifetime_jitter)
         self._max_idle_time = _INF if max_idle_time is None else float(max_idle_time)
@@ -913,7 +914,8 @@ class Pool:
             if max_size < self._min_size:
                 raise ValueError(f"max_size ({max_size}) must not be below min_size ({self._min_size})")
             self._max_size = max_size
-            self._max_idle = min(self._max_idle, max_size)
+            option = self._max_idle_option
+            self._max_idle = max_size if option is None else min(option, max_size)
             self._update_return_path_locked()
             excess = min(len(self._idle), max(0, self._open - max_size))
             closing, self._idle = self._idle[:excess], self._idle[excess:]  # oldest first

@@ -895,6 +895,19 @@ def test_after_shrinking_returns_close_until_the_pool_fits_and_then_stay(make_po
     assert (pool.stats().open, pool.stats().idle) == (1, 1)
 
 
+@pytest.mark.parametrize(("max_idle", "kept"), [(None, 4), (2, 2)])
+def test_max_idle_follows_resize_back_up(make_pool: Any, max_idle: int | None, kept: int) -> None:
+    # the default max_idle is max_size, whatever max_size becomes; a given
+    # one is capped by max_size while the pool is smaller, and comes back
+    pool = make_pool(max_size=2, max_idle=max_idle)
+    pool.resize(1)
+    pool.resize(4)
+    held = [pool.acquire() for _ in range(4)]
+    for conn in held:
+        conn.close()
+    assert (pool.stats().open, pool.stats().idle) == (kept, kept)
+
+
 def test_max_idle_below_max_size_closes_the_returns_beyond_it(make_pool: Any, server: fakedb.Server) -> None:
     pool = make_pool(max_size=3, max_idle=1)
     held = [pool.acquire() for _ in range(3)]
