@@ -58,6 +58,31 @@ def test_bad_configuration_is_refused_at_construction(
     assert text in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("timeout", "exc", "text"),
+    [
+        ("5", TypeError, "timeout must be a number"),
+        (True, TypeError, "timeout must be a number"),
+        (-1, ValueError, "timeout must be >= 0"),
+        (float("nan"), ValueError, "timeout must be >= 0"),
+    ],
+)
+@pytest.mark.parametrize("idle", [True, False], ids=["connection idle", "none idle"])
+def test_a_bad_checkout_timeout_is_refused_whether_or_not_a_connection_is_free(
+    make_pool: Any, timeout: Any, exc: type, text: str, idle: bool
+) -> None:
+    pool = make_pool(max_size=1)
+    held = pool.acquire()
+    if idle:
+        held.close()
+    with pytest.raises(exc, match=text):
+        pool.acquire(timeout=timeout)
+    with pytest.raises(exc, match=text):
+        pool._acquire_fresh(timeout)  # pool.run's last attempt
+    assert pool.stats().in_use == (0 if idle else 1)  # nothing was checked out
+    held.close()
+
+
 def test_connect_must_be_callable() -> None:
     with pytest.raises(TypeError, match="connect must be a zero-argument callable"):
         Pool("dbname=test")  # type: ignore[arg-type]
