@@ -116,7 +116,18 @@ def main(argv: list[str] | None = None) -> int:
             f"benchmarks: unknown pool(s) {', '.join(unknown)}; choose from {', '.join(peers_mod.ALL)}", file=sys.stderr
         )
         return 2
-    backend = open_backend(args.backend, args.dsn)
+    try:
+        backend = open_backend(args.backend, args.dsn)
+    except ImportError as exc:
+        print(
+            f"benchmarks: the {args.backend} driver is not installed ({exc}); pip install 'poolkit[bench]'",
+            file=sys.stderr,
+        )
+        return 2
+    except Exception as exc:
+        where = f" at {args.dsn!r}" if args.dsn else " (this machine's default server; --dsn to choose one)"
+        print(f"benchmarks: cannot open the {args.backend} backend{where}: {exc}", file=sys.stderr)
+        return 2
     skipped: dict[str, str] = {}
     names = []
     for p in wanted:

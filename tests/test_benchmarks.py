@@ -36,6 +36,18 @@ def test_bad_arguments_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--rounds", "0"])
 
 
+@pytest.mark.parametrize(
+    ("backend", "dsn"), [("postgresql", "host=127.0.0.1 port=1 dbname=test"), ("mariadb", "host=127.0.0.1 port=1")]
+)
+def test_a_server_that_cannot_be_reached_is_named_not_a_traceback(
+    backend: str, dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--backend", backend, "--dsn", dsn, "--scenario", "checkout"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot open the {backend} backend at {dsn!r}" in err
+    assert "Traceback" not in err
+
+
 def test_scenarios_can_be_chosen_comma_separated(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--quick", "--scenario", "checkout,query", "--pools", "raw,poolkit", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "bench-sqlite.json").read_text())
