@@ -9,9 +9,9 @@ What ``pool.run`` retries, by the category of the error (see
 - ``BAD_CONNECTION``: when the work is ``idempotent=True``, when it carries a
   ``request_id``, or when the failure came before any of the work was sent.
 - ``AMBIGUOUS`` (the commit may have been applied): when the work is
-  ``idempotent=True``, or when it carries a ``request_id``: the next attempt
-  first looks the id up in the ledger and returns without running the work
-  again if the first attempt committed.
+  ``idempotent=True``, or when it carries a ``request_id``: each attempt
+  first inserts the id into the ledger, in the work's transaction, and
+  returns without running the work if that finds the id committed.
 - ``PERMANENT``: never.
 
 Retries are bounded by a count and by a deadline, with exponential backoff
@@ -118,7 +118,9 @@ class Ledger:
         self.table = table
         self._ready = False
 
-    def _ensure(self, conn: PooledConnection) -> None:
+    def ensure(self, conn: PooledConnection) -> None:
+        """Create the table if it is not there (once per ledger object),
+        in a transaction of its own."""
         if self._ready:
             return
         cur = conn.cursor()
@@ -136,7 +138,7 @@ class Ledger:
     def committed(self, conn: PooledConnection, request_id: str) -> bool:
         """Whether work under ``request_id`` has committed. Ends the read
         transaction, so the work that follows starts a fresh one."""
-        self._ensure(conn)
+        self.ensure(conn)
         ph = conn.pool._driver.placeholder(conn.driver_connection)  # type: ignore[union-attr]
         cur = conn.cursor()
         try:
@@ -160,7 +162,7 @@ class Ledger:
     def prune(self, conn: PooledConnection, older_than: float) -> int:
         """Delete ids recorded more than ``older_than`` seconds ago; returns
         how many."""
-        self._ensure(conn)
+        self.ensure(conn)
         driver = conn.pool._driver
         assert driver is not None
         cutoff, arg = driver.ago(conn.driver_connection, older_than)
@@ -269,25 +271,25 @@ def run(
             conn = pool._acquire_fresh(timeout) if fresh else pool.acquire(timeout)
             try:
                 if ledger is not None:
-                    assert request_id is not None
-                    if ledger.committed(conn, request_id):
-                        logger.info("pool %r: request %r already committed; not run again", pool.name, request_id)
-                        return None  # type: ignore[return-value]
+                    ledger.ensure(conn)
                 state.stage = "begin"
                 pool._driver.begin(conn)  # type: ignore[union-attr]
                 state.stage = "work"
-                result = fn(conn)
                 if ledger is not None:
+                    # The id goes in first, in the work's transaction: if an
+                    # earlier attempt or call committed it, this fails at once
+                    # (after waiting for one still in flight) and the work never
+                    # runs; otherwise the row commits with the work, or not at all.
                     assert request_id is not None
                     try:
                         ledger.record(conn, request_id)
                     except Exception as exc:
                         if not _is_integrity_error(exc):
                             raise
-                        # a concurrent call with the same id committed first
                         conn.rollback()
-                        logger.info("pool %r: request %r committed by another call", pool.name, request_id)
+                        logger.info("pool %r: request %r already committed; not run again", pool.name, request_id)
                         return None  # type: ignore[return-value]
+                result = fn(conn)
                 state.stage = "commit"
                 conn.commit()
                 return result

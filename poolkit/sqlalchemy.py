@@ -300,37 +300,37 @@ def run(
         assert ledger is not None
         return text(sql.format(table=ledger.table))
 
-    record = "INSERT INTO {table} (request_id) VALUES (:rid)"
+    def first_claim(target: Any) -> bool:
+        """Insert the id first, in the work's transaction (see pool.run):
+        False when an earlier attempt or call committed it already."""
+        try:
+            target.execute(ledger_sql("INSERT INTO {table} (request_id) VALUES (:rid)"), {"rid": request_id})
+        except exc.IntegrityError:
+            target.rollback()
+            logger.info("engine: request %r already committed; not run again", request_id)
+            return False
+        return True
 
     for attempt in make_retrying(policy, should_retry, before_sleep):
         with attempt:
             stage[0] = "checkout"
-            if ledger is not None:
+            if ledger is not None and not ready[0]:
                 with engine.begin() as conn:
-                    if not ready[0]:
-                        conn.execute(
-                            ledger_sql(
-                                "CREATE TABLE IF NOT EXISTS {table} (request_id VARCHAR(200) NOT NULL PRIMARY KEY, "
-                                "created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP)"
-                            )
+                    conn.execute(
+                        ledger_sql(
+                            "CREATE TABLE IF NOT EXISTS {table} (request_id VARCHAR(200) NOT NULL PRIMARY KEY, "
+                            "created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP)"
                         )
-                        ready[0] = True
-                    found = conn.execute(
-                        ledger_sql("SELECT 1 FROM {table} WHERE request_id = :rid"), {"rid": request_id}
-                    ).first()
-                if found is not None:
-                    return None  # type: ignore[return-value]
+                    )
+                ready[0] = True
             if is_session:
                 session = bind()
                 try:
                     stage[0] = "work"
                     session.begin()
+                    if ledger is not None and not first_claim(session):
+                        return None  # type: ignore[return-value]
                     result = fn(session)
-                    session.flush()
-                    if ledger is not None:
-                        session.execute(
-                            ledger_sql("INSERT INTO {table} (request_id) VALUES (:rid)"), {"rid": request_id}
-                        )
                     stage[0] = "commit"
                     session.commit()
                     return result
@@ -339,9 +339,9 @@ def run(
             with engine.connect() as conn:
                 stage[0] = "work"
                 conn.begin()
+                if ledger is not None and not first_claim(conn):
+                    return None  # type: ignore[return-value]
                 result = fn(conn)
-                if ledger is not None:
-                    conn.execute(ledger_sql(record), {"rid": request_id})
                 stage[0] = "commit"
                 conn.commit()
                 return result

@@ -584,6 +584,49 @@ def test_request_id_work_runs_once_on_every_backend(backend: Any, table: str) ->
         backend.execute(f"DROP TABLE IF EXISTS {ledger}")
 
 
+def test_a_second_call_with_the_same_id_waits_for_the_first_and_never_runs_the_work(pg: Any, table: str) -> None:
+    # A holds its id's ledger row, uncommitted, inside its work; B, with the
+    # same id, must wait on that row and, once A commits, return without
+    # running the work at all (not run it and roll it back).
+    ledger = "ledger_same_id"
+    pg.execute(f"DROP TABLE IF EXISTS {ledger}")
+    in_work, release = threading.Event(), threading.Event()
+    calls: list[str] = []
+
+    def work(name: str) -> Callable[[Any], str]:
+        def fn(conn: Any) -> str:
+            calls.append(name)
+            conn.cursor().execute(f"INSERT INTO {table} (id, v) VALUES ({len(calls)}, %s)", (name,))
+            if name == "A":
+                in_work.set()
+                assert release.wait(10)
+            return name
+
+        return fn
+
+    results: dict[str, Any] = {}
+    try:
+        with Pool(pg.connect, max_size=2, ledger_table=ledger, retry=FAST) as pool:
+            a = threading.Thread(target=lambda: results.setdefault("A", pool.run(work("A"), request_id="same")))
+            a.start()
+            assert in_work.wait(10)
+            b = threading.Thread(target=lambda: results.setdefault("B", pool.run(work("B"), request_id="same")))
+            b.start()
+            deadline = time.monotonic() + 10
+            while not pg.execute("SELECT 1 FROM pg_locks WHERE NOT granted") and time.monotonic() < deadline:
+                time.sleep(0.01)  # until B waits on A's ledger row
+            assert pg.execute("SELECT 1 FROM pg_locks WHERE NOT granted"), "B never waited on A's row"
+            release.set()
+            a.join(10)
+            b.join(10)
+        assert results == {"A": "A", "B": None}
+        assert calls == ["A"]
+        assert count(pg, table) == 1
+    finally:
+        release.set()
+        pg.execute(f"DROP TABLE IF EXISTS {ledger}")
+
+
 def test_commit_killed_with_a_request_id_lands_exactly_once(pg: Any, table: str) -> None:
     pg.execute("DROP TABLE IF EXISTS ledger_commit_killed")
     work, calls = slow_commit_work(pg, table, 2)

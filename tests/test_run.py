@@ -246,20 +246,21 @@ def test_request_id_makes_a_retry_after_an_ambiguous_commit_safe(make_pool: Any,
     class FakeLedger:
         rows: set[str] = set()
 
-        def committed(self, conn: Any, rid: str) -> bool:
-            ledger_sql.append("lookup")
-            return rid in self.rows
+        def ensure(self, conn: Any) -> None:
+            pass
 
         def record(self, conn: Any, rid: str) -> None:
             ledger_sql.append("record")
+            if rid in self.rows:
+                raise fakedb.IntegrityError("duplicate request id")
 
     pool.ledger = FakeLedger()
     server.commit_error = ConnectionResetError("reset during COMMIT")
     fn = Script()
     assert pool.run(fn, request_id="r1") == "ok"
     assert fn.calls == 2
-    assert ledger_sql == ["lookup", "record", "lookup", "record"]
-    # and when the lookup finds it: not run again
+    assert ledger_sql == ["record", "record"]  # the id goes in before the work, on each attempt
+    # and when the id is there already: not run again
     FakeLedger.rows.add("r2")
     fn2 = Script()
     assert pool.run(fn2, request_id="r2") is None
@@ -289,9 +290,8 @@ def test_bad_connection_mid_work_is_retried_with_a_request_id(make_pool: Any, se
     seen: list[str] = []
 
     class FakeLedger:
-        def committed(self, conn: Any, rid: str) -> bool:
-            seen.append("lookup")
-            return False
+        def ensure(self, conn: Any) -> None:
+            seen.append("ensure")
 
         def record(self, conn: Any, rid: str) -> None:
             seen.append("record")
@@ -300,4 +300,4 @@ def test_bad_connection_mid_work_is_retried_with_a_request_id(make_pool: Any, se
     fn = Script(dead(), None)
     assert pool.run(fn, request_id="r3") == "ok"
     assert fn.calls == 2
-    assert seen == ["lookup", "lookup", "record"]  # the lookup ran before the second attempt
+    assert seen == ["ensure", "record", "ensure", "record"]  # the id went in again before the second attempt

@@ -228,3 +228,30 @@ def test_retry_helper_retries_idempotent_core_work(net_backend: Any, tmp_path: A
             pksa.run("nope", read)
     finally:
         eng.dispose()
+
+
+def test_core_work_with_a_request_id_runs_once_on_every_backend(backend: Any, tmp_path: Any) -> None:
+    eng = create_engine(url_for(backend, tmp_path) + "?plugin=poolkit")
+    ledger = f"ledger_sa_core_{next(_ids)}"
+    try:
+        with eng.begin() as c:
+            c.execute(text("DROP TABLE IF EXISTS sa_core_once"))
+            c.execute(text("CREATE TABLE sa_core_once (id INTEGER PRIMARY KEY)"))
+        calls = 0
+
+        def insert(conn: Any) -> str:
+            nonlocal calls
+            calls += 1
+            conn.execute(text(f"INSERT INTO sa_core_once (id) VALUES ({calls})"))
+            return "done"
+
+        assert pksa.run(eng, insert, request_id="core-1", ledger_table=ledger) == "done"
+        assert pksa.run(eng, insert, request_id="core-1", ledger_table=ledger) is None  # never run again
+        assert calls == 1
+        with eng.connect() as c:
+            assert c.execute(text("SELECT count(*) FROM sa_core_once")).scalar() == 1
+    finally:
+        with eng.begin() as c:
+            c.execute(text("DROP TABLE IF EXISTS sa_core_once"))
+            c.execute(text(f"DROP TABLE IF EXISTS {ledger}"))
+        eng.dispose()
