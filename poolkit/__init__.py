@@ -17,7 +17,7 @@ from poolkit.errors import (
     PoolTimeout,
     TooManyWaiters,
 )
-from poolkit.failover import failover
+from poolkit.failover import Failover, failover
 from poolkit.pool import Pool, PooledConnection, PooledCursor
 from poolkit.retry import RETRY_ENV, Ledger, Retry
 from poolkit.stats import PoolStats
@@ -30,6 +30,7 @@ __all__ = [
     "Category",
     "Classification",
     "ConnectionReturned",
+    "Failover",
     "Ledger",
     "Pool",
     "PoolClosed",

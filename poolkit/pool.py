@@ -877,6 +877,12 @@ class Pool:
                 c.reason,
                 rec.id,
             )
+            not_leader = getattr(self._connect, "not_leader", None)  # poolkit.failover: move on to the next node
+            if not_leader is not None:
+                try:
+                    not_leader(rec.raw)
+                except Exception as hook_exc:
+                    logger.warning("pool %r: the connect callable's not_leader() raised %r", self.name, hook_exc)
             self.invalidate()
         elif c.category is Category.AMBIGUOUS:
             err = AmbiguousCommitError(

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+import poolkit
 from poolkit import AmbiguousCommitError, Category, Pool, Retry, classify
 
 pytestmark = pytest.mark.integration
@@ -270,6 +271,35 @@ def test_run_retries_a_write_rejected_as_not_leader(net_backend: Any, table: str
         pool.run(write)
         assert calls == 2 and pool.stats().retries == 1 and pool.stats().generation == 1
     assert count(net_backend, table) == 1  # rejected once, landed once
+
+
+def test_failover_moves_off_a_demoted_primary_that_still_answers(net_backend: Any, table: str) -> None:
+    """The old primary is up but read-only; the new one is the second host.
+    After NOT_LEADER the pool must not reconnect to the node that refused the
+    write just because it was the last to accept a connection."""
+    refused: list[int] = []
+
+    def old_primary() -> Any:
+        raw = net_backend.connect()
+        cur = raw.cursor()
+        cur.execute(_read_only_sql(net_backend))
+        cur.close()
+        raw.commit()
+        refused.append(1)
+        return raw
+
+    calls = 0
+
+    def write(conn: Any) -> None:
+        nonlocal calls
+        calls += 1
+        conn.cursor().execute(f"INSERT INTO {table} (id, v) VALUES (1, 'on the new primary')")
+
+    with Pool(poolkit.failover(old_primary, net_backend.connect), max_size=2, retry=FAST) as pool:
+        pool.run(write)
+        assert calls == 2 and pool.stats().retries == 1  # refused once by the old primary, then landed
+    assert len(refused) == 1  # the retry went to the new primary, not back to the old one
+    assert [tuple(r) for r in net_backend.execute(f"SELECT v FROM {table}")] == [("on the new primary",)]
 
 
 def test_mariadb_global_read_only_is_not_leader(maria: Any, table: str) -> None:

@@ -16,7 +16,7 @@ import fakedb
 import pytest
 
 import poolkit
-from poolkit import ConnectionReturned, Pool, PoolClosed, PoolTimeout, TooManyWaiters
+from poolkit import Category, Classification, ConnectionReturned, Pool, PoolClosed, PoolTimeout, TooManyWaiters
 
 # ------------------------------------------------------------ configuration
 
@@ -1044,3 +1044,59 @@ def test_public_names() -> None:
         obj = getattr(poolkit, name)
         if isinstance(obj, type) and issubclass(obj, Exception):
             assert obj.__module__ == "poolkit", name
+
+
+# ------------------------------------------------------------------ failover
+
+
+def test_failover_starts_after_a_node_that_is_not_the_leader() -> None:
+    a, b, c = fakedb.Server(), fakedb.Server(), fakedb.Server()
+    connect = poolkit.failover(a.connect, b.connect, c.connect)
+    first = connect()
+    assert first.server is a and connect.preferred == 0
+    connect.not_leader(first)
+    assert connect.preferred == 1
+    connect.not_leader(first)  # a second connection of the same node says so too: no further
+    assert connect.preferred == 1
+    second = connect()
+    assert second.server is b
+    b.down = True
+    connect.not_leader(second)
+    assert connect().server is c  # after b, which refused as not the leader (and is down now)
+    a.down = c.down = True
+    with pytest.raises(fakedb.OperationalError):
+        connect()
+    with pytest.raises(ValueError, match="at least one"):
+        poolkit.failover()
+    with pytest.raises(TypeError, match="connect #1 is not callable"):
+        poolkit.failover(a.connect, "b")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("hook_fails", [False, True])
+def test_not_leader_is_told_to_the_connect_callable_before_the_pool_invalidates(
+    server: fakedb.Server, caplog: Any, hook_fails: bool
+) -> None:
+    told: list[Any] = []
+
+    class Connect:
+        def __call__(self) -> Any:
+            return server.connect()
+
+        def not_leader(self, conn: Any) -> None:
+            told.append(conn)
+            if hook_fails:
+                raise RuntimeError("hook broke")
+
+    def classifier(exc: BaseException) -> Classification | None:
+        return Classification(Category.NOT_LEADER, "not_leader", exc) if "not leader" in str(exc) else None
+
+    server.execute_errors["INSERT x"] = fakedb.OperationalError("not leader")
+    with Pool(Connect(), classifier=classifier, maintenance_interval=3600) as pool:
+        with caplog.at_level(logging.WARNING, logger="poolkit.pool"):
+            with pool.connection() as conn:
+                raw = conn.driver_connection
+                with pytest.raises(fakedb.OperationalError):
+                    conn.cursor().execute("INSERT x")
+        assert told == [raw]
+        assert pool.stats().generation == 1  # invalidated all the same
+        assert ("not_leader() raised" in caplog.text) is hook_fails
