@@ -232,6 +232,7 @@ def instrument(engine: Engine) -> Engine:
             ctx.invalidate_pool_on_disconnect = c.category is Category.NOT_LEADER
             if c.category is Category.NOT_LEADER:
                 logger.warning("engine %s: %s; invalidating the pool", engine.url.render_as_string(), c.reason)
+                _tell_not_leader(engine, ctx.connection)
         if c.category is Category.AMBIGUOUS and not isinstance(original, AmbiguousCommitError):
             return AmbiguousCommitError(
                 f"the outcome of the commit is unknown ({c.reason}): it may or may not have been applied"
@@ -239,6 +240,18 @@ def instrument(engine: Engine) -> Engine:
         return None
 
     return engine
+
+
+def _tell_not_leader(engine: Engine, connection: Any) -> None:
+    """A ``creator=poolkit.failover(...)`` (anything with ``not_leader``)
+    learns which node refused, as poolkit's own pool tells its connect."""
+    hook = getattr(getattr(engine.pool, "_creator", None), "not_leader", None)
+    if hook is None or connection is None:
+        return
+    try:
+        hook(connection.connection.dbapi_connection)
+    except Exception as e:
+        logger.warning("engine %s: the creator's not_leader() raised %r", engine.url.render_as_string(), e)
 
 
 def _engine_of(bind: Any) -> Engine:

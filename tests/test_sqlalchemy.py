@@ -255,3 +255,34 @@ def test_core_work_with_a_request_id_runs_once_on_every_backend(backend: Any, tm
             c.execute(text("DROP TABLE IF EXISTS sa_core_once"))
             c.execute(text(f"DROP TABLE IF EXISTS {ledger}"))
         eng.dispose()
+
+
+def test_a_failover_creator_moves_off_a_demoted_primary(pg: Any, tmp_path: Any) -> None:
+    import psycopg
+
+    opened: list[str] = []
+
+    def old_primary() -> Any:  # up, but read-only now
+        opened.append("old")
+        return psycopg.connect(PG_DSN, options="-c default_transaction_read_only=on")
+
+    def new_primary() -> Any:
+        opened.append("new")
+        return psycopg.connect(PG_DSN)
+
+    eng = create_engine(
+        "postgresql+psycopg://", creator=poolkit.failover(old_primary, new_primary), plugins=["poolkit"]
+    )
+    try:
+        with eng.begin():
+            pass  # the first connection: to the old primary, which answers
+        assert opened == ["old"]
+
+        def write(conn: Any) -> int:
+            conn.execute(text("CREATE TEMPORARY TABLE t_failover (id INTEGER)"))
+            return 1
+
+        assert pksa.run(eng, write, retry=poolkit.Retry(attempts=4, initial_backoff=0.01)) == 1
+        assert opened[-1] == "new" and opened.count("old") == 1  # refused once, then the next node
+    finally:
+        eng.dispose()
