@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import errno
+import functools
 import gc
 import json
 import logging
 import os
 import select
+import sqlite3
 import threading
 import time
 from typing import Any
@@ -1100,3 +1102,13 @@ def test_not_leader_is_told_to_the_connect_callable_before_the_pool_invalidates(
         assert told == [raw]
         assert pool.stats().generation == 1  # invalidated all the same
         assert ("not_leader() raised" in caplog.text) is hook_fails
+
+
+@pytest.mark.parametrize("target", [":memory:", "file"])
+def test_a_pool_of_in_memory_sqlite_databases_is_warned_of(tmp_path: Any, caplog: Any, target: str) -> None:
+    path = target if target == ":memory:" else str(tmp_path / "t.db")
+    with caplog.at_level(logging.WARNING, logger="poolkit.drivers"):
+        with Pool(functools.partial(sqlite3.connect, path, check_same_thread=False)) as pool:
+            with pool.connection():
+                pass
+    assert ("in-memory database" in caplog.text) is (target == ":memory:")

@@ -66,6 +66,18 @@ class SQLite3Driver(Driver):
                 "sqlite3 connections in a pool are used by more than one thread: "
                 "open them with sqlite3.connect(..., check_same_thread=False)"
             ) from failure[0]
+        # ":memory:": every connection the pool opens has a database of its
+        # own, so what one checkout wrote, the next may not see
+        try:
+            in_memory = conn.execute("PRAGMA database_list").fetchone()[2] == ""
+        except sqlite3.Error:
+            return
+        if in_memory:
+            logger.warning(
+                "sqlite3: the pool's connections are to an in-memory database: each has a database "
+                "of its own (unless it is a shared-cache one, file::memory:?cache=shared with uri=True); "
+                "use a file, or max_size=1"
+            )
 
     def classify_one(self, exc: BaseException) -> tuple[str, str] | None:
         if isinstance(exc, sqlite3.Error):
