@@ -608,6 +608,9 @@ def test_request_id_work_runs_once_on_every_backend(backend: Any, table: str) ->
             assert calls == 1
             assert pool.run(insert, request_id="req-2") == "done"
             assert count(backend, table) == 2
+            with pool.connection() as conn:  # and an application can ask
+                assert pool.ledger.committed(conn, "req-1")
+                assert not pool.ledger.committed(conn, "req-3")
             assert pool.prune_requests(older_than=3600) == 0
             assert pool.prune_requests(older_than=0) >= 0
     finally:
