@@ -118,6 +118,15 @@ class Ledger:
         self.table = table
         self._ready = False
 
+    @property
+    def create_sql(self) -> str:
+        """The table's DDL (the SQLAlchemy helper runs it too)."""
+        return (
+            f"CREATE TABLE IF NOT EXISTS {self.table} ("
+            "request_id VARCHAR(200) NOT NULL PRIMARY KEY, "
+            "created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP)"
+        )
+
     def ensure(self, conn: PooledConnection) -> None:
         """Create the table if it is not there (once per ledger object),
         in a transaction of its own."""
@@ -125,11 +134,7 @@ class Ledger:
             return
         cur = conn.cursor()
         try:
-            cur.execute(
-                f"CREATE TABLE IF NOT EXISTS {self.table} ("
-                "request_id VARCHAR(200) NOT NULL PRIMARY KEY, "
-                "created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP)"
-            )
+            cur.execute(self.create_sql)
         finally:
             cur.close()
         conn.commit()

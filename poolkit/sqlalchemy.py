@@ -329,12 +329,7 @@ def run(
             stage[0] = "checkout"
             if ledger is not None and not ready[0]:
                 with engine.begin() as conn:
-                    conn.execute(
-                        ledger_sql(
-                            "CREATE TABLE IF NOT EXISTS {table} (request_id VARCHAR(200) NOT NULL PRIMARY KEY, "
-                            "created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP)"
-                        )
-                    )
+                    conn.execute(text(ledger.create_sql))
                 ready[0] = True
             if is_session:
                 session = bind()
