@@ -13,6 +13,13 @@ health-checking configuration, that one is a peer of its own:
   with ``check=ConnectionPool.check_connection``;
 - ``dbutils``: DBUtils ``PooledDB`` (its default ``ping=1``).
 
+The runner calls each pool's own checkout and checkin, bound once
+(``pool.acquire`` and ``conn.close`` for poolkit, ``pool.getconn`` and
+``pool.putconn`` for psycopg_pool, ...): no peer pays for a frame of the
+runner's between the timer and the pool. (``bare`` is a pool of its own, so
+its methods are that pool's calls.) A checkin that is ``handle.close()`` is
+``operator.methodcaller("close")``, which adds no Python frame.
+
 Queries go through what each pool hands out, as its users run them:
 poolkit's proxy, SQLAlchemy's connection fairy, DBUtils' "tough" connection
 wrapper (which reconnects and runs a failed statement again), psycopg_pool's
@@ -21,6 +28,7 @@ connection itself. ``driver_conn`` is the driver's connection behind it.
 
 from __future__ import annotations
 
+import operator
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -53,20 +61,22 @@ class Counting:
             return len(self.opened)
 
 
+#: ``handle.close()``, called from C: a checkin adds no Python frame of its own
+_close = operator.methodcaller("close")
+
+
 class Peer:
     name = "?"
     #: whether the scenario can hand connections across threads
     multithreaded = True
+    #: the pool's own calls, bound in ``__init__`` (or methods, for a pool
+    #: written here): check out a handle, check it back in
+    checkout: Callable[[], Any]
+    checkin: Callable[[Any], Any]
 
     def __init__(self, connect: Counting, size: int) -> None:
         self.connect = connect
         self.size = size
-
-    def checkout(self) -> Any:
-        raise NotImplementedError
-
-    def checkin(self, handle: Any) -> None:
-        raise NotImplementedError
 
     def conn(self, handle: Any) -> Any:
         """What the application queries through, for a checkout handle."""
@@ -179,12 +189,8 @@ class Poolkit(Peer):
         import poolkit
 
         self.pool = poolkit.Pool(connect, max_size=size, name="bench")
-
-    def checkout(self) -> Any:
-        return self.pool.acquire()
-
-    def checkin(self, handle: Any) -> None:
-        handle.close()
+        self.checkout = self.pool.acquire
+        self.checkin = _close
 
     def driver_conn(self, handle: Any) -> Any:
         return handle.driver_connection
@@ -219,12 +225,8 @@ class QueuePoolPeer(Peer):
             pool_pre_ping=self.pre_ping,
         )
         self.pool = self.engine.pool
-
-    def checkout(self) -> Any:
-        return self.pool.connect()
-
-    def checkin(self, handle: Any) -> None:
-        handle.close()
+        self.checkout = self.pool.connect
+        self.checkin = _close
 
     def driver_conn(self, handle: Any) -> Any:
         return handle.dbapi_connection  # queries go through the fairy, as pool.connect() users run them
@@ -265,12 +267,8 @@ class PsycopgPool(Peer):
             name=self.name,
         )
         self.pool.wait(timeout=30)
-
-    def checkout(self) -> Any:
-        return self.pool.getconn()
-
-    def checkin(self, handle: Any) -> None:
-        self.pool.putconn(handle)
+        self.checkout = self.pool.getconn
+        self.checkin = self.pool.putconn
 
     def close(self) -> None:
         self.pool.close(timeout=1)
@@ -289,12 +287,8 @@ class DBUtilsPeer(Peer):
         from dbutils.pooled_db import PooledDB
 
         self.pool = PooledDB(connect, mincached=0, maxcached=size, maxconnections=size, blocking=True)
-
-    def checkout(self) -> Any:
-        return self.pool.connection()
-
-    def checkin(self, handle: Any) -> None:
-        handle.close()
+        self.checkout = self.pool.connection
+        self.checkin = _close
 
     def driver_conn(self, handle: Any) -> Any:
         # PooledDedicatedDBConnection -> SteadyDBConnection -> driver; queries
