@@ -134,6 +134,23 @@ def test_using_a_returned_connection_raises_a_clear_error(make_pool: Any) -> Non
     assert pool.stats().in_use == 0
 
 
+def test_the_hot_path_builds_the_same_proxy_as_its_constructor(make_pool: Any) -> None:
+    # acquire() builds the proxy of an idle connection without calling
+    # PooledConnection.__init__: every slot __init__ sets must be set there too
+    pool = make_pool()
+    with pool.connection():
+        pass  # now one connection is idle, and the next checkout takes the hot path
+    hot = pool.acquire()
+    made = poolkit.PooledConnection(pool, hot._rec)
+    for slot in poolkit.PooledConnection.__slots__:
+        if slot != "__weakref__":
+            assert getattr(hot, slot) is getattr(made, slot), slot
+    assert hot.pool is pool and not hot.closed
+    made._rec = None  # only one of the two may return it
+    hot.close()
+    assert pool.stats().idle == 1
+
+
 def test_open_transaction_is_rolled_back_on_return(make_pool: Any, server: fakedb.Server) -> None:
     pool = make_pool(max_size=1)
     with pool.connection() as conn:
