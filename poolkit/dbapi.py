@@ -109,8 +109,9 @@ class PooledModule(types.ModuleType):
         self.pool_options = dict(pool_options)
         self._driver_name = driver_for_module(module.__name__).name
         self._closed_error, self._cursor_after_close, self._second_close = _closed_behaviour(module, self._driver_name)
-        self._lock = threading.Lock()  # protects _pools
+        self._lock = threading.Lock()  # protects _pools and _options
         self._pools: dict[Any, Pool] = {}
+        self._options: dict[Any, dict[str, Any]] = {}  # the options each pool was made with
         _MODULES.add(self)
 
     def __getattr__(self, name: str) -> Any:
@@ -129,10 +130,9 @@ class PooledModule(types.ModuleType):
         key = (_freeze(args), _freeze(kwargs))
         with self._lock:
             pool = self._pools.get(key)
-            if pool is not None and options and options != pool._dbapi_options:  # type: ignore[attr-defined]
+            if pool is not None and options and options != self._options[key]:
                 raise ValueError(
-                    f"a pool for this target exists already with options {pool._dbapi_options!r}; "  # type: ignore[attr-defined]
-                    f"got {options!r}"
+                    f"a pool for this target exists already with options {self._options[key]!r}; got {options!r}"
                 )
             if pool is None or pool.closed:
                 merged = {**self.pool_options, **(options or {})}
@@ -143,8 +143,8 @@ class PooledModule(types.ModuleType):
                     return target(*args, **kwargs)
 
                 pool = Pool(connect_target, **merged)
-                pool._dbapi_options = options or {}  # type: ignore[attr-defined]
                 self._pools[key] = pool
+                self._options[key] = options or {}
         return Connection(self, pool.acquire())
 
     def pools(self) -> dict[Any, Pool]:
@@ -156,6 +156,7 @@ class PooledModule(types.ModuleType):
         """Close every pool (also done at interpreter exit)."""
         with self._lock:
             pools, self._pools = list(self._pools.values()), {}
+            self._options = {}
         for p in pools:
             p.close(timeout=1.0)
 
