@@ -777,94 +777,63 @@ class Pool:
     # ---------------------------------------------------------------- return
 
     def _release(self, rec: _Conn) -> None:
-        """Take back a connection from its holder."""
-        if rec.epoch != self._epoch:  # checked out before a fork: not ours to touch
-            _INHERITED.append(rec.raw)
-            return
-        raw = rec.raw
-        reason = rec.bad or None
+        """Take back a connection the pool holds itself (a reclaimed orphan,
+        one opened for ``min_size``): through a proxy, whose ``close()`` is
+        the one return path."""
+        PooledConnection(self, rec).close()
+
+    def _put_back_locked(self, rec: _Conn, reason: str | None) -> str | None:
+        """The return path past the plain case (see ``PooledConnection.close``):
+        hand ``rec`` to a waiter or keep it idle, and return None; or return
+        why it must be closed instead."""
+        if self._out is not None:
+            self._out.discard(rec)
         if reason is None:
-            try:
-                state = self._tx_state(raw)  # type: ignore[misc]
-                if state:  # not IDLE
-                    if state == BROKEN:
-                        reason = "bad"
-                    else:  # IN_TRANSACTION or UNKNOWN
-                        self._driver.rollback(raw)  # type: ignore[union-attr]
-            except Exception as exc:
-                logger.warning("pool %r: rollback on return failed on connection %d: %r", self.name, rec.id, exc)
-                reason = "bad"
-            if reason is None and self._is_valid is not None:
-                try:
-                    if not self._is_valid(raw):
-                        reason = "invalid"
-                except Exception as exc:
-                    logger.warning("pool %r: is_valid raised on connection %d: %r", self.name, rec.id, exc)
-                    reason = "invalid"
-            if reason is None:  # _touch(), inlined: this is the hot path
-                now = self._clock()
-                rec.last_used = now
-                limit = now + self._recheck_after
-                rec.check_at = limit if limit < rec.expires_at else rec.expires_at
-                rec.used = True
-        lock = self._lock
-        lock.acquire()  # by hand, as in acquire(): this is the hot path
-        try:
-            if reason is None and self._simple_return and rec.generation == self._generation and not self._waiters:
+            if self._closed:
+                reason = "closed"
+            elif rec.generation != self._generation:
+                reason = "invalidated"
+            elif self._open > self._max_size:
+                reason = "resized"
+            elif self._waiters:
+                waiter = self._waiters[0]
+                now = time.monotonic()
+                self._returned_at = now
+                if rec.turn_mark:  # a sample, capped: the mark may be from long ago
+                    self._hold_avg += (min(now - rec.turn_mark, 0.1) - self._hold_avg) * 0.125
+                if (
+                    rec.turn_mark  # a turn starts with a hand-off
+                    and self._looping
+                    and rec.streak < self._handoff_streak
+                    and self._hold_avg < _QUICK
+                    and rec.streak * self._hold_avg < _TURN
+                    and now < waiter.young_until
+                    and len(self._idle) < self._max_idle
+                ):
+                    # Callers come straight back for another connection, and
+                    # the oldest waiter is young: keep this one idle for its
+                    # caller, which saves two thread switches. Connections
+                    # returned earlier and not taken back go to the waiters.
+                    rec.streak += 1
+                    rec.turn_mark = now
+                    self._serve_idle_locked()
+                    self._in_use -= 1
+                    self._idle.append(rec)
+                    return None
+                # straight to the oldest waiter (on top of the stack, it is
+                # served first), then any left over to the next ones
                 self._in_use -= 1
                 self._idle.append(rec)
-                return
-            if self._out is not None:
-                self._out.discard(rec)
-            if reason is None:
-                if self._closed:
-                    reason = "closed"
-                elif rec.generation != self._generation:
-                    reason = "invalidated"
-                elif self._open > self._max_size:
-                    reason = "resized"
-                elif self._waiters:
-                    waiter = self._waiters[0]
-                    now = time.monotonic()
-                    self._returned_at = now
-                    if rec.turn_mark:  # a sample, capped: the mark may be from long ago
-                        self._hold_avg += (min(now - rec.turn_mark, 0.1) - self._hold_avg) * 0.125
-                    if (
-                        rec.turn_mark  # a turn starts with a hand-off
-                        and self._looping
-                        and rec.streak < self._handoff_streak
-                        and self._hold_avg < _QUICK
-                        and rec.streak * self._hold_avg < _TURN
-                        and now < waiter.young_until
-                        and len(self._idle) < self._max_idle
-                    ):
-                        # Callers come straight back for another connection, and
-                        # the oldest waiter is young: keep this one idle for its
-                        # caller, which saves two thread switches. Connections
-                        # returned earlier and not taken back go to the waiters.
-                        rec.streak += 1
-                        rec.turn_mark = now
-                        self._serve_idle_locked()
-                        self._in_use -= 1
-                        self._idle.append(rec)
-                        return
-                    # straight to the oldest waiter (on top of the stack, it is
-                    # served first), then any left over to the next ones
-                    self._in_use -= 1
-                    self._idle.append(rec)
-                    self._serve_idle_locked()
-                    return
-                elif len(self._idle) < self._max_idle:
-                    self._in_use -= 1
-                    self._idle.append(rec)
-                    return
-                else:
-                    reason = "idle"
-            self._in_use -= 1
-        finally:
-            lock.release()
-        self._log_discard(rec, reason)
-        self._retire(rec, reason)
+                self._serve_idle_locked()
+                return None
+            elif len(self._idle) < self._max_idle:
+                self._in_use -= 1
+                self._idle.append(rec)
+                return None
+            else:
+                reason = "idle"
+        self._in_use -= 1
+        return reason
 
     def _discard(self, rec: _Conn, reason: str, *, checked_out: bool) -> None:
         with self._lock:
@@ -1303,11 +1272,59 @@ class PooledConnection:
             self._raise_observed(exc)
 
     def close(self) -> None:
-        """Return the connection to its pool. A second call does nothing."""
+        """Return the connection to its pool. A second call does nothing.
+
+        This is the pool's return path, whole: a checkin is one Python call,
+        not two (the pool gives connections it takes back itself to a proxy
+        too: see ``Pool._release``). Past the plain case it goes on in
+        ``Pool._put_back_locked``."""
         rec = self._rec
-        if rec is not None:
-            self._rec = None
-            self._pool._release(rec)
+        if rec is None:
+            return
+        self._rec = None
+        pool = self._pool
+        if rec.epoch != pool._epoch:  # checked out before a fork: not ours to touch
+            _INHERITED.append(rec.raw)
+            return
+        raw = rec.raw
+        reason = rec.bad or None
+        if reason is None:
+            try:
+                state = pool._tx_state(raw)  # type: ignore[misc]
+                if state:  # not IDLE
+                    if state == BROKEN:
+                        reason = "bad"
+                    else:  # IN_TRANSACTION or UNKNOWN
+                        pool._driver.rollback(raw)  # type: ignore[union-attr]
+            except Exception as exc:
+                logger.warning("pool %r: rollback on return failed on connection %d: %r", pool.name, rec.id, exc)
+                reason = "bad"
+            if reason is None and pool._is_valid is not None:
+                try:
+                    if not pool._is_valid(raw):
+                        reason = "invalid"
+                except Exception as exc:
+                    logger.warning("pool %r: is_valid raised on connection %d: %r", pool.name, rec.id, exc)
+                    reason = "invalid"
+            if reason is None:  # _touch(), inlined: this is the hot path
+                now = pool._clock()
+                rec.last_used = now
+                limit = now + pool._recheck_after
+                rec.check_at = limit if limit < rec.expires_at else rec.expires_at
+                rec.used = True
+        lock = pool._lock
+        lock.acquire()  # by hand, as in acquire(): this is the hot path
+        try:
+            if reason is None and pool._simple_return and rec.generation == pool._generation and not pool._waiters:
+                pool._in_use -= 1
+                pool._idle.append(rec)
+                return
+            reason = pool._put_back_locked(rec, reason)
+        finally:
+            lock.release()
+        if reason is not None:
+            pool._log_discard(rec, reason)
+            pool._retire(rec, reason)
 
     def _notice(self, exc: BaseException, *, during_commit: bool = False) -> None:
         """Act on an error raised by the caller's code while it held this
