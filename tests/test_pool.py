@@ -134,14 +134,16 @@ def test_using_a_returned_connection_raises_a_clear_error(make_pool: Any) -> Non
     assert pool.stats().in_use == 0
 
 
-def test_the_hot_path_builds_the_same_proxy_as_its_constructor(make_pool: Any) -> None:
-    # acquire() builds the proxy of an idle connection without calling
-    # PooledConnection.__init__: every slot __init__ sets must be set there too
+def test_the_hot_path_builds_the_same_proxy_as_the_pools_other_paths(make_pool: Any) -> None:
+    # acquire() builds the proxy of an idle connection inline, not through
+    # _lease(): every slot _lease() sets must be set there too
+    from poolkit.pool import _lease
+
     pool = make_pool()
     with pool.connection():
         pass  # now one connection is idle, and the next checkout takes the hot path
     hot = pool.acquire()
-    made = poolkit.PooledConnection(pool, hot._rec)
+    made = _lease(pool, hot._rec)
     for slot in poolkit.PooledConnection.__slots__:
         if slot != "__weakref__":
             assert getattr(hot, slot) is getattr(made, slot), slot
@@ -149,6 +151,17 @@ def test_the_hot_path_builds_the_same_proxy_as_its_constructor(make_pool: Any) -
     made._rec = None  # only one of the two may return it
     hot.close()
     assert pool.stats().idle == 1
+
+
+def test_a_proxy_not_made_by_a_pool_says_so(make_pool: Any) -> None:
+    # its slots are unset: __getattr__ must not recurse looking for them
+    with pytest.raises(TypeError):
+        poolkit.PooledConnection(make_pool(), None)  # type: ignore[call-arg]
+    stray = poolkit.PooledConnection()
+    with pytest.raises(AttributeError, match="not made by a pool"):
+        stray.cursor()
+    with pytest.raises(AttributeError, match="not made by a pool"):
+        stray.autocommit
 
 
 def test_open_transaction_is_rolled_back_on_return(make_pool: Any, server: fakedb.Server) -> None:
