@@ -97,6 +97,7 @@ class _Conn:
         "leak_logged",
         "orphans",
         "poller",
+        "pool",
         "raw",
         "retired",
         "stack",
@@ -116,6 +117,10 @@ class _Conn:
         orphans: deque[_Conn] | None = None,
     ) -> None:
         self.raw = raw
+        # the pool, while a proxy holds this record (set by _lease, cleared
+        # by close): only then, so that the pool and its idle connections
+        # make no reference cycle and an abandoned pool is freed at once
+        self.pool: Pool | None = None
         self.orphans = orphans  # where to go if dropped while checked out
         self.retired = False  # the pool closed it (or let it go) on purpose
         self.id = cid
@@ -497,7 +502,7 @@ class Pool:
                 poller = rec.poller
                 if poller is None or not poller.poll(0, 1):  # a non-empty list if suspect
                     proxy = PooledConnection()  # _lease(self, rec), inlined
-                    proxy._pool = self
+                    proxy._pool = rec.pool = self
                     proxy._rec = rec
                     return proxy
                 suspect: bool | None = True
@@ -1282,7 +1287,10 @@ class PooledConnection:
         if rec is None:
             return
         self._rec = None
-        pool = self._pool
+        # the record's pool, not self._pool: on 3.11 this class's __getattr__
+        # makes each attribute read on self cost ten times a plain one
+        pool: Pool = rec.pool  # type: ignore[assignment]
+        rec.pool = None
         if rec.epoch != pool._epoch:  # checked out before a fork: not ours to touch
             _INHERITED.append(rec.raw)
             return
@@ -1365,7 +1373,7 @@ _PROXY_SLOTS = frozenset(("_pool", "_rec"))
 def _lease(pool: Pool, rec: _Conn) -> PooledConnection:
     """The proxy that hands ``rec`` out (inlined on the hot path of ``Pool.acquire``)."""
     proxy = PooledConnection()
-    proxy._pool = pool
+    proxy._pool = rec.pool = pool
     proxy._rec = rec
     return proxy
 
