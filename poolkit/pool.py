@@ -233,6 +233,7 @@ class Pool:
         "_closed",
         "_closed_by",
         "_closed_total",
+        "_closing",
         "_configure",
         "_connect",
         "_connect_errors",
@@ -246,7 +247,6 @@ class Pool:
         "_hold_avg",
         "_idle",
         "_ids",
-        "_in_use",
         "_is_valid",
         "_last_connect_error",
         "_leak_timeout",
@@ -399,7 +399,6 @@ class Pool:
         self._lock = threading.Lock()
         self._max_size = max_size
         self._idle: list[_Conn] = []  # LIFO: hot connections on top
-        self._in_use = 0  # checked out
         # checked out, for the leak log; weak, so a dropped proxy's connection can still be reclaimed
         self._out: weakref.WeakSet[_Conn] | None = weakref.WeakSet() if leak_timeout is not None else None
         self._waiters: deque[_Waiter] = deque()  # FIFO
@@ -409,6 +408,11 @@ class Pool:
         self._hold_avg = 0.0  # moving average of units of work under contention
         self._open = 0  # connections open or being opened: never above max_size
         self._opening = 0
+        # let go of (off the idle stack, or returned), and not closed yet.
+        # Connections checked out are not counted: they are what is left of
+        # _open, so the hot path moves one between the idle stack and its
+        # caller without touching a counter (see _in_use_locked)
+        self._closing = 0
         self._generation = 0
         self._epoch = 0  # bumped in a forked child
         self._closed = False
@@ -492,7 +496,6 @@ class Pool:
             idle = self._idle
             if idle and (not self._waiters or self._may_barge_locked()):
                 rec = idle.pop()
-                self._in_use += 1
                 self._acquired += 1
         finally:
             lock.release()
@@ -511,7 +514,7 @@ class Pool:
             reason = self._check_out(rec, suspect)
             if reason is None:
                 return _lease(self, rec)
-            self._discard(rec, reason, checked_out=True)
+            self._discard(rec, reason)
         return self._acquire_loop(time.monotonic() + (self._timeout if timeout is None else timeout))
 
     def _acquire_loop(self, deadline: float) -> PooledConnection:
@@ -522,11 +525,16 @@ class Pool:
             reason = self._check_out(rec)
             if reason is None:
                 return _lease(self, rec)
-            self._discard(rec, reason, checked_out=True)
+            self._discard(rec, reason)
 
     def _take_locked(self, rec: _Conn) -> None:
-        self._in_use += 1
         self._acquired += 1
+
+    def _in_use_locked(self) -> int:
+        """Connections checked out: open, and neither being opened, idle, nor
+        let go of and being closed. Derived, not counted, so that a checkout
+        and a checkin on the hot path change no counter but ``acquired``."""
+        return self._open - self._opening - self._closing - len(self._idle)
 
     def _touch(self, rec: _Conn, now: float) -> None:
         """``rec`` was used at ``now``: when does it need a look before reuse?"""
@@ -584,7 +592,6 @@ class Pool:
         while self._idle and self._waiters:
             waiter = self._waiters.popleft()
             rec = self._idle.pop()
-            self._in_use += 1
             rec.streak = 0
             rec.turn_mark = now
             waiter.rec = rec
@@ -683,6 +690,7 @@ class Pool:
             if not stale:
                 self._take_locked(rec)
                 return rec
+            self._closing += 1
         self._retire(rec, "invalidated")  # opened before an invalidate(): never handed out
         if self._closed:
             raise PoolClosed(f"pool {self.name!r} is closed")
@@ -820,31 +828,29 @@ class Pool:
                     rec.streak += 1
                     rec.turn_mark = now
                     self._serve_idle_locked()
-                    self._in_use -= 1
                     self._idle.append(rec)
                     return None
                 # straight to the oldest waiter (on top of the stack, it is
                 # served first), then any left over to the next ones
-                self._in_use -= 1
                 self._idle.append(rec)
                 self._serve_idle_locked()
                 return None
             elif len(self._idle) < self._max_idle:
-                self._in_use -= 1
                 self._idle.append(rec)
                 return None
             else:
                 reason = "idle"
-        self._in_use -= 1
+        self._closing += 1
         return reason
 
-    def _discard(self, rec: _Conn, reason: str, *, checked_out: bool) -> None:
+    def _discard(self, rec: _Conn, reason: str) -> None:
+        """Let go of a connection taken for a caller that failed its checks
+        at checkout: it was never handed out."""
         with self._lock:
-            if checked_out:
-                self._in_use -= 1
-                if self._out is not None:
-                    self._out.discard(rec)
-                self._acquired -= 1  # it was never handed out
+            self._closing += 1
+            if self._out is not None:
+                self._out.discard(rec)
+            self._acquired -= 1
         self._log_discard(rec, reason)
         self._retire(rec, reason)
 
@@ -885,10 +891,11 @@ class Pool:
                 self._closed_by[reason] += 1
             if not keep_slot:
                 self._open -= 1
+                self._closing -= 1
                 if not self._simple_return:  # shrunk: fits again now?
                     self._update_return_path_locked()
                 self._grant_locked()
-            if self._closed and not self._in_use:
+            if self._closed and not self._in_use_locked():
                 self._returned.notify_all()
 
     def _close_raw(self, raw: Any) -> None:
@@ -961,6 +968,7 @@ class Pool:
         with self._lock:
             self._generation += 1
             idle, self._idle = self._idle, []
+            self._closing += len(idle)
             generation = self._generation
         logger.info("pool %r: invalidated (generation %d); closing %d idle", self.name, generation, len(idle))
         for rec in idle:
@@ -980,6 +988,7 @@ class Pool:
             self._update_return_path_locked()
             excess = min(len(self._idle), max(0, self._open - max_size))
             closing, self._idle = self._idle[:excess], self._idle[excess:]  # oldest first
+            self._closing += len(closing)
             self._grant_locked()
         for rec in closing:
             self._retire(rec, "resized")
@@ -994,6 +1003,7 @@ class Pool:
             self._closed = True
             self._update_return_path_locked()
             idle, self._idle = self._idle, []
+            self._closing += len(idle)
             waiters = list(self._waiters)
             self._waiters.clear()
             for waiter in waiters:
@@ -1007,9 +1017,9 @@ class Pool:
             maintainer.join(timeout)
         end = time.monotonic() + timeout
         with self._lock:
-            while self._in_use and (left := end - time.monotonic()) > 0:
+            while self._in_use_locked() and (left := end - time.monotonic()) > 0:
                 self._returned.wait(left)
-            still_out = self._in_use
+            still_out = self._in_use_locked()
         if still_out:
             logger.warning(
                 "pool %r: closed with %d connections still checked out; they close when returned",
@@ -1052,6 +1062,7 @@ class Pool:
                 else:
                     keep.append(rec)
             self._idle = keep
+            self._closing += len(closing)
             leak_check = list(self._out) if self._out is not None else []
         for rec, reason in closing:
             self._log_discard(rec, reason)
@@ -1101,12 +1112,12 @@ class Pool:
             rec.retired = True
             _INHERITED.append(rec.raw)
         self._idle = []
-        self._in_use = 0
         self._out = weakref.WeakSet() if self._out is not None else None
         self._waiters = deque()
         self._orphans = deque()
         self._open = 0
         self._opening = 0
+        self._closing = 0
         self._update_return_path_locked()
         self._generation += 1
         self._epoch += 1
@@ -1123,7 +1134,7 @@ class Pool:
                 max_size=self._max_size,
                 open=self._open - self._opening,
                 opening=self._opening,
-                in_use=self._in_use,
+                in_use=self._in_use_locked(),
                 idle=len(self._idle),
                 waiting=len(self._waiters),
                 generation=self._generation,
@@ -1163,7 +1174,7 @@ class Pool:
         with self._lock:
             state = "closed " if self._closed else ""
             return (
-                f"<Pool {self.name!r} {state}open={self._open - self._opening} in_use={self._in_use} "
+                f"<Pool {self.name!r} {state}open={self._open - self._opening} in_use={self._in_use_locked()} "
                 f"idle={len(self._idle)} waiting={len(self._waiters)} gen={self._generation}>"
             )
 
@@ -1324,7 +1335,6 @@ class PooledConnection:
         lock.acquire()  # by hand, as in acquire(): this is the hot path
         try:
             if reason is None and pool._simple_return and rec.generation == pool._generation and not pool._waiters:
-                pool._in_use -= 1
                 pool._idle.append(rec)
                 return
             reason = pool._put_back_locked(rec, reason)

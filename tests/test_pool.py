@@ -161,7 +161,7 @@ def test_a_proxy_not_made_by_a_pool_says_so(make_pool: Any) -> None:
     with pytest.raises(AttributeError, match="not made by a pool"):
         stray.cursor()
     with pytest.raises(AttributeError, match="not made by a pool"):
-        stray.autocommit
+        _ = stray.autocommit
 
 
 def test_open_transaction_is_rolled_back_on_return(make_pool: Any, server: fakedb.Server) -> None:
@@ -1151,3 +1151,77 @@ def test_a_pool_keeps_its_state_in_slots(make_pool: Any) -> None:
     assert not hasattr(pool, "__dict__")
     with pytest.raises(AttributeError):
         pool.no_such_option = 1
+
+
+def test_in_use_follows_every_way_a_connection_comes_and_goes(
+    make_pool: Any, server: fakedb.Server, clock: Any
+) -> None:
+    # in_use is derived (open - opening - closing - idle), not counted: after
+    # each path that hands a connection out or lets one go, it must still
+    # equal the proxies held, and open must be what is out plus what is idle
+    pool = make_pool(max_size=4, max_idle=2, max_idle_time=60)
+    held: list[Any] = []
+
+    def check(step: str, **closed: int) -> None:
+        st = pool.stats()
+        assert (st.in_use, st.open, st.opening) == (len(held), len(held) + st.idle, 0), step
+        for reason, n in closed.items():
+            assert getattr(st, f"closed_{reason}") == n, (step, reason)
+
+    held += [pool.acquire() for _ in range(4)]
+    check("opened")
+    for _ in range(3):
+        held.pop().close()  # two go idle; the third is more than max_idle keeps
+    check("returned", idle=1)
+    held.append(pool.acquire())
+    check("the hot path")
+    server.execute_errors["BOOM"] = fakedb.OperationalError("lost", code=2013)
+    with pytest.raises(fakedb.OperationalError):
+        held[0].cursor().execute("BOOM")
+    held.pop(0).close()
+    check("a bad connection returned", bad=1)
+    (idle_raw,) = [c for c in server.open_connections if all(h.driver_connection is not c for h in held)]
+    idle_raw.kill()
+    held.append(pool.acquire())  # the probe sees the hang-up, the ping fails: discarded, another opened
+    assert held[-1].driver_connection is not idle_raw
+    check("discarded at checkout", bad=2)
+    calls = []
+
+    def invalidate_once() -> None:
+        if not calls:
+            calls.append(1)
+            pool.invalidate()
+
+    server.connect_hook = invalidate_once
+    held.append(pool.acquire())  # the first connect finishes after an invalidate(): closed, never handed out
+    server.connect_hook = None
+    check("opened across an invalidate", invalidated=1)
+    with pool.connection():
+        pass
+    pool.invalidate()
+    check("invalidated with connections out", invalidated=2)
+    while held:
+        held.pop().close()  # an older generation: closed on return
+    check("returned after the invalidate", invalidated=5)
+    for h in [pool.acquire(), pool.acquire()]:
+        h.close()
+    clock.advance(61)
+    pool._maintain()
+    check("idle too long", idle=3)
+    held.append(pool.acquire())
+    for h in [pool.acquire(), pool.acquire()]:
+        h.close()
+    pool.resize(1)  # the two idle ones go now
+    check("shrunk")
+    held.pop().close()
+    assert pool.stats().idle == 1
+    check("returned to a shrunk pool")
+    pool.resize(2)
+    held.append(pool.acquire())
+    with pool.connection():
+        pass
+    assert pool.stats().idle == 1
+    pool.close(timeout=0)  # the idle one is closed now, the one out when returned
+    check("closed with one out")
+    held.pop().close()
+    check("returned to a closed pool")
