@@ -251,7 +251,9 @@ class PsycopgPool(Peer):
     name = "psycopg_pool"
     check = False
 
-    def __init__(self, connect: Counting, size: int, dsn: str = "") -> None:
+    def __init__(self, connect: Counting, size: int, dsn: str = "", min_size: int | None = None) -> None:
+        """``min_size``: connections opened up front, and waited for (default:
+        ``size``); 0 starts empty, as the spike scenario needs."""
         super().__init__(connect, size)
         from psycopg_pool import ConnectionPool
 
@@ -265,7 +267,7 @@ class PsycopgPool(Peer):
 
         self.pool = ConnectionPool(
             dsn,
-            min_size=size,
+            min_size=size if min_size is None else min_size,
             max_size=size,
             open=True,
             configure=configure,
@@ -273,7 +275,8 @@ class PsycopgPool(Peer):
             check=ConnectionPool.check_connection if self.check else None,
             name=self.name,
         )
-        self.pool.wait(timeout=30)
+        if min_size is None:
+            self.pool.wait(timeout=30)
         self.checkout = self.pool.getconn
         self.checkin = self.pool.putconn
 
@@ -339,10 +342,21 @@ def available(name: str, backend: str) -> str | None:
     return None
 
 
-def make(name: str, connect: Counting, size: int, *, dsn: str = "", overflow: int = 0, backend: str = "sqlite") -> Peer:
+def make(
+    name: str,
+    connect: Counting,
+    size: int,
+    *,
+    dsn: str = "",
+    overflow: int = 0,
+    backend: str = "sqlite",
+    min_size: int | None = None,
+) -> Peer:
+    """``min_size`` is psycopg_pool's (see :class:`PsycopgPool`); the other
+    pools open connections on demand."""
     cls = CLASSES[name]
     if issubclass(cls, PsycopgPool):
-        return cls(connect, size, dsn=dsn)
+        return cls(connect, size, dsn=dsn, min_size=min_size)
     if issubclass(cls, QueuePoolPeer):
         return cls(connect, size, overflow=overflow, backend=backend)
     return cls(connect, size)

@@ -482,24 +482,8 @@ def spike(names: list[str], backend: Backend, s: Settings) -> dict[str, Any]:
 
 def _spike_one(name: str, backend: Backend) -> dict[str, float]:
     counting = Counting(backend.connect, delay=0.15)
-    if name.startswith("psycopg_pool"):
-        from psycopg_pool import ConnectionPool
-
-        class Lazy(peers_mod.PsycopgPool):
-            def __init__(self, connect: Counting, size: int, dsn: str = "") -> None:
-                Peer.__init__(self, connect, size)
-
-                def configure(conn: Any) -> None:
-                    threading.Event().wait(connect.delay)
-                    with connect.lock:
-                        connect.opened.append(conn)
-
-                check = ConnectionPool.check_connection if name.endswith("check") else None
-                self.pool = ConnectionPool(dsn, min_size=0, max_size=size, open=True, configure=configure, check=check)
-
-        p: Peer = Lazy(counting, 10, dsn=backend.dsn)
-    else:
-        p = peers_mod.make(name, counting, 10, dsn=backend.dsn, overflow=10, backend=backend.name)
+    # psycopg_pool starts empty like the others (min_size=0), and grows on demand
+    p = peers_mod.make(name, counting, 10, dsn=backend.dsn, overflow=10, backend=backend.name, min_size=0)
     barrier = threading.Barrier(50)
     waits: list[float] = []
     errors = [0]

@@ -131,3 +131,16 @@ def test_psycopg_pool_is_timed_through_getconn_and_putconn(pg: Any) -> None:
         assert p.pool.get_stats()["pool_available"] == 1
     finally:
         p.close()
+
+
+@pytest.mark.integration
+def test_every_pool_serves_the_spike_on_postgresql(pg: Any, tmp_path: Path) -> None:
+    # each peer the spike builds must be able to check out (the psycopg_pool
+    # one is made empty, min_size=0, and once had no checkout bound: 150 errors)
+    run = ["--quick", "--backend", "postgresql", "--scenario", "spike", "--pools", "poolkit,psycopg_pool,dbutils"]
+    assert main([*run, "--out", str(tmp_path)]) == 0
+    peers_out = json.loads((tmp_path / "bench-postgresql.json").read_text())["scenarios"]["spike"]["peers"]
+    assert set(peers_out) == {"poolkit", "psycopg_pool", "dbutils"}
+    for name, r in peers_out.items():
+        assert r["errors"] == 0, name
+        assert 1 <= r["opened"]["median"] <= 10, name
