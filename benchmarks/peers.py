@@ -18,9 +18,9 @@ The runner calls each pool's own checkout and checkin, bound once
 ``pool.putconn`` for psycopg_pool, ...): no peer pays for a frame of the
 runner's between the timer and the pool. (``bare`` is a pool of its own, so
 its methods are that pool's calls.) A checkin that is ``handle.close()`` is
-the plain function ``type(handle).close``, called with the handle: a Python
-call that 3.11 runs inline. (``operator.methodcaller("close")`` would add no
-frame but costs more: it calls back into Python from C.)
+the plain function ``close`` of the handle's class, called with the handle:
+a Python call that 3.11 runs inline. (``operator.methodcaller("close")``
+would add no frame but costs more: it calls back into Python from C.)
 
 Queries go through what each pool hands out, as its users run them:
 poolkit's proxy, SQLAlchemy's connection fairy, DBUtils' "tough" connection
@@ -60,16 +60,6 @@ class Counting:
     def count(self) -> int:
         with self.lock:
             return len(self.opened)
-
-
-def closer(checkout: Callable[[], Any]) -> Callable[[Any], Any]:
-    """``handle.close`` as the plain function of the handle's class, found
-    with one checkout: ``closer(co)(h)`` is ``h.close()`` with no frame of
-    the runner's around it."""
-    handle = checkout()
-    close: Callable[[Any], Any] = type(handle).close
-    close(handle)
-    return close
 
 
 class Peer:
@@ -197,7 +187,7 @@ class Poolkit(Peer):
 
         self.pool = poolkit.Pool(connect, max_size=size, name="bench")
         self.checkout = self.pool.acquire
-        self.checkin = closer(self.checkout)
+        self.checkin = poolkit.PooledConnection.close
 
     def driver_conn(self, handle: Any) -> Any:
         return handle.driver_connection
@@ -221,6 +211,7 @@ class QueuePoolPeer(Peer):
         super().__init__(connect, size)
         from sqlalchemy import create_engine
         from sqlalchemy.pool import QueuePool
+        from sqlalchemy.pool.base import _ConnectionFairy  # what pool.connect() hands out
 
         # through an engine, as SQLAlchemy users run it: pre_ping needs the dialect
         self.engine = create_engine(
@@ -233,7 +224,7 @@ class QueuePoolPeer(Peer):
         )
         self.pool = self.engine.pool
         self.checkout = self.pool.connect
-        self.checkin = closer(self.checkout)
+        self.checkin = _ConnectionFairy.close
 
     def driver_conn(self, handle: Any) -> Any:
         return handle.dbapi_connection  # queries go through the fairy, as pool.connect() users run them
@@ -294,11 +285,11 @@ class DBUtilsPeer(Peer):
 
     def __init__(self, connect: Counting, size: int) -> None:
         super().__init__(connect, size)
-        from dbutils.pooled_db import PooledDB
+        from dbutils.pooled_db import PooledDB, PooledDedicatedDBConnection  # what connection() hands out
 
         self.pool = PooledDB(connect, mincached=0, maxcached=size, maxconnections=size, blocking=True)
-        self.checkout = self.pool.connection
-        self.checkin = closer(self.checkout)
+        self.checkout = self.pool.connection  # maxshared=0: dedicated connections
+        self.checkin = PooledDedicatedDBConnection.close
 
     def driver_conn(self, handle: Any) -> Any:
         # PooledDedicatedDBConnection -> SteadyDBConnection -> driver; queries

@@ -101,8 +101,10 @@ def test_the_runner_times_each_pools_own_calls(tmp_path: Path, name: str) -> Non
     # pool's own calls, with no frame of the runner's in between (the bare
     # floor has none, so one here would be charged to the pool compared)
     connect = functools.partial(sqlite3.connect, str(tmp_path / "p.db"), check_same_thread=False)
-    p: Any = peers.make(name, peers.Counting(connect), 1)
+    counting = peers.Counting(connect)
+    p: Any = peers.make(name, counting, 1)
     try:
+        assert counting.count == 0  # made empty: the spike scenario counts what each pool opens
         assert p.checkout.__self__ is p.pool
         h = p.checkout()
         assert p.checkin is type(h).close  # handle.close(), as a plain function
