@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -146,3 +147,19 @@ def test_every_pool_serves_the_spike_on_postgresql(pg: Any, tmp_path: Path) -> N
     for name, r in peers_out.items():
         assert r["errors"] == 0, name
         assert 1 <= r["opened"]["median"] <= 10, name
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind (apt-get install valgrind)")
+def test_instruction_counts_repeat_and_compare_with_the_floor(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import instructions
+
+    # the same run, counted twice: the figure does not swing as timings do
+    first = instructions.count("poolkit", "sqlite", 300)
+    assert instructions.count("poolkit", "sqlite", 300) == pytest.approx(first, rel=0.01)
+    assert instructions.main(["--pools", "bare,poolkit", "-n", "300"]) == 0
+    out = capsys.readouterr().out
+    assert "instructions per checkout + checkin (sqlite" in out
+    assert "x bare" in out.splitlines()[-1]
+    with pytest.raises(SystemExit):
+        instructions.main(["--pools", "nosuchpool"])
+    assert "unknown pool(s) nosuchpool" in capsys.readouterr().err
