@@ -109,12 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     chosen = [name for names in args.scenario or [] for name in names]
     scenarios = list(SCENARIOS) if not chosen or "all" in chosen else list(dict.fromkeys(chosen))
-    wanted = [p.strip() for p in args.pools.split(",") if p.strip()]
-    unknown = [p for p in wanted if p not in peers_mod.CLASSES]
-    if unknown:
-        print(
-            f"benchmarks: unknown pool(s) {', '.join(unknown)}; choose from {', '.join(peers_mod.ALL)}", file=sys.stderr
-        )
+    try:
+        wanted = peers_mod.parse_names(args.pools)
+    except ValueError as exc:
+        print(f"benchmarks: {exc}", file=sys.stderr)
         return 2
     try:
         backend = open_backend(args.backend, args.dsn)

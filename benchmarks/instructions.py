@@ -88,10 +88,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from benchmarks import peers
 
-    names = [p.strip() for p in args.pools.split(",") if p.strip()]
-    unknown = [p for p in names if p not in peers.ALL]
-    if unknown or not names:
-        ap.error(f"unknown pool(s) {', '.join(unknown) or repr(args.pools)}; choose from {', '.join(peers.ALL)}")
+    try:
+        names = peers.parse_names(args.pools)
+    except ValueError as exc:
+        ap.error(str(exc))
+    if not names:
+        ap.error("--pools names no pool")
     if shutil.which("valgrind") is None:
         print("benchmarks.instructions: needs valgrind (apt-get install valgrind)", file=sys.stderr)
         return 2

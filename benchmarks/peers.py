@@ -320,6 +320,16 @@ _NEEDS = {
 }
 
 
+def parse_names(value: str) -> list[str]:
+    """The peers named in a comma-separated list; ValueError naming the
+    unknown ones."""
+    names = [p.strip() for p in value.split(",") if p.strip()]
+    unknown = [p for p in names if p not in CLASSES]
+    if unknown:
+        raise ValueError(f"unknown pool(s) {', '.join(unknown)}; choose from {', '.join(ALL)}")
+    return names
+
+
 def available(name: str, backend: str) -> str | None:
     """None when the peer can run on ``backend``, else why not."""
     if name.startswith("psycopg_pool") and backend != "postgresql":
