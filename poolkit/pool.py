@@ -68,6 +68,7 @@ _new_object = object.__new__
 # use them, and must not let them be garbage collected either: finalising a
 # driver connection can send a "goodbye" on the parent's socket.
 _INHERITED: list[Any] = []
+_NO_TICKET = object()  # nobody's ticket: see Pool._update_return_path_locked
 _ALL_POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()
 
 
@@ -102,6 +103,7 @@ class _Conn:
         "retired",
         "stack",
         "streak",
+        "ticket",
         "turn_mark",
         "used",
     )
@@ -126,6 +128,11 @@ class _Conn:
         self.id = cid
         self.generation = generation
         self.epoch = epoch
+        # the pool's _plain_ticket while this connection may take the plain
+        # return path (see PooledConnection.close): the token of the
+        # generation it was opened in (set by Pool._open_in_slot); None once
+        # it is bad, or if nobody set it
+        self.ticket: object = None
         self.created_at = now
         self.expires_at = expires_at
         self.last_used = now
@@ -158,6 +165,7 @@ class _Conn:
             twin.poller = self.poller
             twin.used = self.used
             twin.bad = self.bad
+            twin.ticket = self.ticket
             twin.last_used = self.last_used
             self.orphans.append(twin)
         except Exception:  # interpreter shutdown
@@ -241,6 +249,7 @@ class Pool:
         "_driver",
         "_driver_checked",
         "_epoch",
+        "_era",
         "_generation",
         "_handoff_after",
         "_handoff_streak",
@@ -272,6 +281,7 @@ class Pool:
         "_ping_hook",
         "_ping_timeout",
         "_pings",
+        "_plain_ticket",
         "_random",
         "_recheck_after",
         "_reset_hook",
@@ -414,9 +424,11 @@ class Pool:
         # caller without touching a counter (see _in_use_locked)
         self._closing = 0
         self._generation = 0
+        self._era = object()  # a new token with each generation: see _plain_ticket
         self._epoch = 0  # bumped in a forked child
         self._closed = False
         self._simple_return = True  # see _update_return_path_locked
+        self._plain_ticket: object = None  # likewise
         self._last_connect_error: BaseException | None = None
         self._returned = threading.Condition(self._lock)  # close() waits on it
         self._zero_counters_locked()
@@ -450,6 +462,18 @@ class Pool:
         self._simple_return = (
             not self._closed and self._out is None and self._open <= self._max_size and self._max_idle >= self._max_size
         )
+        # What a connection's ticket must be for it to take the plain return
+        # path, all its conditions in one identity test: opened in the
+        # current generation (so not inherited across a fork, which starts a
+        # generation too), not bad (a bad connection's ticket is None), no
+        # is_valid hook, and a simple return. _NO_TICKET is nobody's ticket.
+        self._plain_ticket = self._era if self._simple_return and self._is_valid is None else _NO_TICKET
+
+    def _new_generation_locked(self) -> None:
+        """Retire, in effect, every connection that exists now (see invalidate())."""
+        self._generation += 1
+        self._era = object()
+        self._update_return_path_locked()  # a new plain ticket
 
     def _zero_counters_locked(self) -> None:
         self._acquired = 0
@@ -640,6 +664,7 @@ class Pool:
         """Open a connection in a slot reserved for this caller, retrying with
         backoff while the server does not answer, until ``deadline``."""
         generation = self._generation  # read before connecting: see invalidate()
+        era = self._era
         epoch = self._epoch
         attempt = 0
         while True:
@@ -679,6 +704,7 @@ class Pool:
         now = self._clock()
         lifetime = self._max_lifetime * (1.0 - self._lifetime_jitter * self._random.random())
         rec = _Conn(raw, next(self._ids), generation, epoch, now, now + lifetime, self._orphans)
+        rec.ticket = era
         self._touch(rec, now)
         if self._liveness:
             rec.poller = liveness_probe(self._driver, raw)
@@ -793,9 +819,47 @@ class Pool:
         the one return path."""
         _lease(self, rec).close()
 
+    def _checkin(self, rec: _Conn, state: int | Exception | None) -> None:
+        """The return path past the plain case (see ``PooledConnection.close``).
+        ``state``: the transaction state close() read already, the error
+        reading it raised, or None if it did not read it."""
+        if rec.epoch != self._epoch:  # checked out before a fork: not ours to touch
+            _INHERITED.append(rec.raw)
+            return
+        raw = rec.raw
+        reason = rec.bad or None
+        if reason is None:
+            try:
+                if isinstance(state, Exception):
+                    raise state
+                if state is None:
+                    state = self._tx_state(raw)  # type: ignore[misc]
+                if state:  # not IDLE
+                    if state == BROKEN:
+                        reason = "bad"
+                    else:  # IN_TRANSACTION or UNKNOWN
+                        self._driver.rollback(raw)  # type: ignore[union-attr]
+            except Exception as exc:
+                logger.warning("pool %r: rollback on return failed on connection %d: %r", self.name, rec.id, exc)
+                reason = "bad"
+            if reason is None and self._is_valid is not None:
+                try:
+                    if not self._is_valid(raw):
+                        reason = "invalid"
+                except Exception as exc:
+                    logger.warning("pool %r: is_valid raised on connection %d: %r", self.name, rec.id, exc)
+                    reason = "invalid"
+            if reason is None:
+                self._touch(rec, self._clock())
+                rec.used = True
+        with self._lock:
+            reason = self._put_back_locked(rec, reason)
+        if reason is not None:
+            self._log_discard(rec, reason)
+            self._retire(rec, reason)
+
     def _put_back_locked(self, rec: _Conn, reason: str | None) -> str | None:
-        """The return path past the plain case (see ``PooledConnection.close``):
-        hand ``rec`` to a waiter or keep it idle, and return None; or return
+        """Hand ``rec`` to a waiter or keep it idle, and return None; or return
         why it must be closed instead."""
         if self._out is not None:
             self._out.discard(rec)
@@ -927,6 +991,7 @@ class Pool:
         if not c.discards_connection:
             return None
         rec.bad = "bad"
+        rec.ticket = None  # off the plain return path
         if c.category is Category.NOT_LEADER:
             logger.warning(
                 "pool %r: %s on connection %d: the node does not take writes; invalidating the pool",
@@ -966,7 +1031,7 @@ class Pool:
         once, checked-out ones when returned, and ones being opened right now
         are closed when the connect finishes. None is handed out again."""
         with self._lock:
-            self._generation += 1
+            self._new_generation_locked()
             idle, self._idle = self._idle, []
             self._closing += len(idle)
             generation = self._generation
@@ -1118,9 +1183,8 @@ class Pool:
         self._open = 0
         self._opening = 0
         self._closing = 0
-        self._update_return_path_locked()
-        self._generation += 1
         self._epoch += 1
+        self._new_generation_locked()
         self._stop = threading.Event()
         self._maintainer = None
 
@@ -1293,7 +1357,7 @@ class PooledConnection:
         This is the pool's return path, whole: a checkin is one Python call,
         not two (the pool gives connections it takes back itself to a proxy
         too: see ``Pool._release``). Past the plain case it goes on in
-        ``Pool._put_back_locked``."""
+        ``Pool._checkin``."""
         rec = self._rec
         if rec is None:
             return
@@ -1302,47 +1366,37 @@ class PooledConnection:
         # makes each attribute read on self cost ten times a plain one
         pool: Pool = rec.pool  # type: ignore[assignment]
         rec.pool = None
-        if rec.epoch != pool._epoch:  # checked out before a fork: not ours to touch
-            _INHERITED.append(rec.raw)
-            return
-        raw = rec.raw
-        reason = rec.bad or None
-        if reason is None:
+        if rec.ticket is pool._plain_ticket:
+            # The plain case, its conditions in one compare (see
+            # Pool._update_return_path_locked): the current generation, so not
+            # inherited across a fork; not bad; no is_valid hook to run.
             try:
-                state = pool._tx_state(raw)  # type: ignore[misc]
-                if state:  # not IDLE
-                    if state == BROKEN:
-                        reason = "bad"
-                    else:  # IN_TRANSACTION or UNKNOWN
-                        pool._driver.rollback(raw)  # type: ignore[union-attr]
+                state = pool._tx_state(rec.raw)  # type: ignore[misc]
             except Exception as exc:
-                logger.warning("pool %r: rollback on return failed on connection %d: %r", pool.name, rec.id, exc)
-                reason = "bad"
-            if reason is None and pool._is_valid is not None:
-                try:
-                    if not pool._is_valid(raw):
-                        reason = "invalid"
-                except Exception as exc:
-                    logger.warning("pool %r: is_valid raised on connection %d: %r", pool.name, rec.id, exc)
-                    reason = "invalid"
-            if reason is None:  # _touch(), inlined: this is the hot path
-                now = pool._clock()
-                rec.last_used = now
-                limit = now + pool._recheck_after
-                rec.check_at = limit if limit < rec.expires_at else rec.expires_at
-                rec.used = True
-        lock = pool._lock
-        lock.acquire()  # by hand, as in acquire(): this is the hot path
-        try:
-            if reason is None and pool._simple_return and rec.generation == pool._generation and not pool._waiters:
-                pool._idle.append(rec)
+                pool._checkin(rec, exc)
                 return
-            reason = pool._put_back_locked(rec, reason)
-        finally:
-            lock.release()
-        if reason is not None:
-            pool._log_discard(rec, reason)
-            pool._retire(rec, reason)
+            if state:  # not IDLE: roll back, or let it go
+                pool._checkin(rec, state)
+                return
+            now = pool._clock()  # _touch(), inlined
+            rec.last_used = now
+            limit = now + pool._recheck_after
+            rec.check_at = limit if limit < rec.expires_at else rec.expires_at
+            rec.used = True
+            lock = pool._lock
+            lock.acquire()  # by hand, as in acquire(): this is the hot path
+            try:
+                if rec.ticket is pool._plain_ticket and not pool._waiters:  # still plain, under the lock
+                    pool._idle.append(rec)
+                    return
+                reason = pool._put_back_locked(rec, None)
+            finally:
+                lock.release()
+            if reason is not None:
+                pool._log_discard(rec, reason)
+                pool._retire(rec, reason)
+            return
+        pool._checkin(rec, None)
 
     def _notice(self, exc: BaseException, *, during_commit: bool = False) -> None:
         """Act on an error raised by the caller's code while it held this

@@ -1225,3 +1225,94 @@ def test_in_use_follows_every_way_a_connection_comes_and_goes(
     check("closed with one out")
     held.pop().close()
     check("returned to a closed pool")
+
+
+# --------------------------------------------------------- the return path
+
+
+def test_a_connection_an_error_showed_bad_is_closed_on_return_though_it_reads_idle(
+    make_pool: Any, server: fakedb.Server
+) -> None:
+    # the driver still says IDLE: only the pool's own mark says the
+    # connection is unusable, and a plain return must not overlook it
+    pool = make_pool(max_size=2)
+    server.execute_errors["BOOM"] = fakedb.OperationalError("lost", code=2013)
+    conn = pool.acquire()
+    raw = conn.driver_connection
+    with pytest.raises(fakedb.OperationalError):
+        conn.cursor().execute("BOOM")
+    conn.close()
+    assert raw.closed
+    st = pool.stats()
+    assert (st.idle, st.closed_bad) == (0, 1)
+    with pool.connection() as again:
+        assert again.driver_connection is not raw
+
+
+@pytest.mark.parametrize("event", ["invalidate", "close"])
+def test_a_return_in_flight_when_the_pool_is_invalidated_or_closed_is_not_kept(make_pool: Any, event: str) -> None:
+    """invalidate() or close() lands while a return is between its first
+    look at the connection and taking the lock: the connection was checked
+    out at that moment, so it must be closed, never put back on the stack."""
+    pool = make_pool(max_size=2)
+    conn = pool.acquire()
+    raw = conn.driver_connection
+    in_state = threading.Barrier(2)
+    resume = threading.Event()
+    read_state = pool._tx_state
+
+    def paused(c: Any) -> int:
+        in_state.wait(5)
+        resume.wait(5)
+        return read_state(c)
+
+    pool._tx_state = paused
+    t = threading.Thread(target=conn.close)
+    t.start()
+    in_state.wait(5)  # the return has passed its check outside the lock
+    if event == "invalidate":
+        pool.invalidate()
+    else:
+        pool.close(timeout=0)
+    resume.set()
+    t.join(5)
+    pool._tx_state = read_state
+    assert raw.closed
+    st = pool.stats()
+    assert st.idle == 0
+    assert (st.closed_invalidated if event == "invalidate" else st.closed) == 1
+    if event == "invalidate":
+        with pool.connection() as again:
+            assert again.driver_connection is not raw
+
+
+@pytest.mark.parametrize("case", ["plain", "in a transaction", "is_valid", "bad", "invalidated", "max_idle", "leaks"])
+def test_only_a_plain_return_takes_the_plain_path(
+    make_pool: Any, server: fakedb.Server, monkeypatch: Any, case: str
+) -> None:
+    # PooledConnection.close() settles the plain return with one identity
+    # test (the connection's ticket); everything else goes on in
+    # Pool._checkin. Each condition the ticket stands for is tried here.
+    kw: dict[str, Any] = {"max_size": 2}
+    if case == "is_valid":
+        kw["is_valid"] = lambda raw: True
+    elif case == "max_idle":
+        kw["max_idle"] = 1
+    elif case == "leaks":
+        kw["leak_timeout"] = 60
+    pool = make_pool(**kw)
+    conn = pool.acquire()
+    if case == "in a transaction":
+        conn.cursor().execute("INSERT x")
+    elif case == "bad":
+        server.execute_errors["BOOM"] = fakedb.OperationalError("lost", code=2013)
+        with pytest.raises(fakedb.OperationalError):
+            conn.cursor().execute("BOOM")
+    elif case == "invalidated":
+        pool.invalidate()
+    slow: list[Any] = []
+    checkin = Pool._checkin
+    monkeypatch.setattr(Pool, "_checkin", lambda self, rec, state: (slow.append(rec), checkin(self, rec, state)))
+    conn.close()
+    assert bool(slow) is (case != "plain")
+    assert pool.stats().idle == (0 if case in ("bad", "invalidated") else 1)
