@@ -508,7 +508,6 @@ class Pool:
         """
         if timeout is not None and not (type(timeout) in _NUMBER and timeout >= 0):
             _check_number("timeout", timeout)  # raises, naming the problem
-        rec = None
         # The hot path takes the lock by hand, released in a finally: a
         # `with` block costs 0.15 us here, acquire() and release() 0.07 us.
         lock = self._lock
@@ -521,6 +520,8 @@ class Pool:
             if idle and (not self._waiters or self._may_barge_locked()):
                 rec = idle.pop()
                 self._acquired += 1
+            else:
+                rec = None
         finally:
             lock.release()
         if rec is not None:
