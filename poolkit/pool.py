@@ -288,7 +288,6 @@ class Pool:
         "_retries",
         "_returned",
         "_returned_at",
-        "_simple_return",
         "_stop",
         "_timeout",
         "_timeouts",
@@ -427,8 +426,7 @@ class Pool:
         self._era = object()  # a new token with each generation: see _plain_ticket
         self._epoch = 0  # bumped in a forked child
         self._closed = False
-        self._simple_return = True  # see _update_return_path_locked
-        self._plain_ticket: object = None  # likewise
+        self._plain_ticket: object = None  # see _update_return_path_locked
         self._last_connect_error: BaseException | None = None
         self._returned = threading.Condition(self._lock)  # close() waits on it
         self._zero_counters_locked()
@@ -455,19 +453,25 @@ class Pool:
 
     def _update_return_path_locked(self) -> None:
         """May a returned connection go straight back on the idle stack, once
-        its generation is current and nobody waits? Not when the pool is
-        closed, tracks leaks, or has more connections than it may keep (it
-        was shrunk, or keeps fewer idle than ``max_size``). Called whenever
-        one of these changes."""
-        self._simple_return = (
-            not self._closed and self._out is None and self._open <= self._max_size and self._max_idle >= self._max_size
+        nobody waits? Only with no ``is_valid`` hook to run, and not when the
+        pool is closed, tracks leaks, or has more connections than it may keep
+        (it was shrunk, or keeps fewer idle than ``max_size``). Called
+        whenever one of these changes, and with each new generation.
+
+        The answer is the plain ticket: what a connection's ticket must be
+        for the plain return path, all its conditions in one identity test.
+        It is the current generation's token (so a connection opened in an
+        older one, or inherited across a fork, which starts a generation too,
+        does not match; nor does a bad one, whose ticket is None), or
+        _NO_TICKET, which matches nobody."""
+        simple = (
+            self._is_valid is None
+            and not self._closed
+            and self._out is None
+            and self._open <= self._max_size
+            and self._max_idle >= self._max_size
         )
-        # What a connection's ticket must be for it to take the plain return
-        # path, all its conditions in one identity test: opened in the
-        # current generation (so not inherited across a fork, which starts a
-        # generation too), not bad (a bad connection's ticket is None), no
-        # is_valid hook, and a simple return. _NO_TICKET is nobody's ticket.
-        self._plain_ticket = self._era if self._simple_return and self._is_valid is None else _NO_TICKET
+        self._plain_ticket = self._era if simple else _NO_TICKET
 
     def _new_generation_locked(self) -> None:
         """Retire, in effect, every connection that exists now (see invalidate())."""
@@ -853,6 +857,10 @@ class Pool:
             if reason is None:
                 self._touch(rec, self._clock())
                 rec.used = True
+        self._put_back(rec, reason)
+
+    def _put_back(self, rec: _Conn, reason: str | None) -> None:
+        """:meth:`_put_back_locked`, then close ``rec`` if it said why."""
         with self._lock:
             reason = self._put_back_locked(rec, reason)
         if reason is not None:
@@ -957,7 +965,7 @@ class Pool:
             if not keep_slot:
                 self._open -= 1
                 self._closing -= 1
-                if not self._simple_return:  # shrunk: fits again now?
+                if self._plain_ticket is _NO_TICKET:  # shrunk: fits again now?
                     self._update_return_path_locked()
                 self._grant_locked()
             if self._closed and not self._in_use_locked():
@@ -1390,12 +1398,9 @@ class PooledConnection:
                 if rec.ticket is pool._plain_ticket and not pool._waiters:  # still plain, under the lock
                     pool._idle.append(rec)
                     return
-                reason = pool._put_back_locked(rec, None)
             finally:
                 lock.release()
-            if reason is not None:
-                pool._log_discard(rec, reason)
-                pool._retire(rec, reason)
+            pool._put_back(rec, None)  # someone waits, or the pool changed meanwhile
             return
         pool._checkin(rec, None)
 

@@ -946,7 +946,7 @@ def test_after_shrinking_returns_close_until_the_pool_fits_and_then_stay(make_po
     kept = c.driver_connection
     c.close()
     assert (pool.stats().open, pool.stats().idle) == (1, 1)  # fits now: kept
-    assert pool._simple_return  # and returns take the short way again
+    assert pool._plain_ticket is pool._era  # and returns take the short way again
     with pool.connection() as again:
         assert again.driver_connection is kept
     assert (pool.stats().open, pool.stats().idle) == (1, 1)
