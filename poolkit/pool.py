@@ -530,7 +530,8 @@ class Pool:
             lock.release()
         if rec is not None:
             # the hot path: a fresh connection whose socket is quiet
-            if self._clock() < rec.check_at:
+            clock = self._clock  # a local: a slot read is specialised, a method call on it is not
+            if clock() < rec.check_at:
                 poller = rec.poller
                 if poller is None or not poller.poll(0, 1):  # a non-empty list if suspect
                     proxy = PooledConnection()  # _lease(self, rec), inlined
@@ -1380,14 +1381,16 @@ class PooledConnection:
             # Pool._update_return_path_locked): the current generation, so not
             # inherited across a fork; not bad; no is_valid hook to run.
             try:
-                state = pool._tx_state(rec.raw)  # type: ignore[misc]
+                tx_state = pool._tx_state
+                state = tx_state(rec.raw)  # type: ignore[misc]
             except Exception as exc:
                 pool._checkin(rec, exc)
                 return
             if state:  # not IDLE: roll back, or let it go
                 pool._checkin(rec, state)
                 return
-            now = pool._clock()  # _touch(), inlined
+            clock = pool._clock
+            now = clock()  # _touch(), inlined
             rec.last_used = now
             limit = now + pool._recheck_after
             rec.check_at = limit if limit < rec.expires_at else rec.expires_at
