@@ -291,7 +291,6 @@ class Pool:
         "_stop",
         "_timeout",
         "_timeouts",
-        "_tx_state",
         "_wait_count",
         "_wait_time",
         "_waiters",
@@ -384,7 +383,6 @@ class Pool:
         self._classifier = classifier
         self._leak_timeout = leak_timeout
         self._driver: Driver | None = driver
-        self._tx_state: Callable[[Any], int] | None = driver.transaction_state if driver is not None else None
         self._driver_checked = False
         # How long after its last use a connection needs a look before reuse
         # (see _Conn.check_at): never, when every checkout runs a hook.
@@ -683,7 +681,6 @@ class Pool:
                 raw = self._connect()
                 if self._driver is None:
                     self._driver = driver_for_connection(raw)
-                    self._tx_state = self._driver.transaction_state
                 self._driver.open(raw)
                 if not self._driver_checked:
                     self._driver.check_config(raw)
@@ -843,7 +840,7 @@ class Pool:
                 if isinstance(state, Exception):
                     raise state
                 if state is None:
-                    state = self._tx_state(raw)  # type: ignore[misc]
+                    state = self._driver.transaction_state(raw)  # type: ignore[union-attr]
                 if state:  # not IDLE
                     if state == BROKEN:
                         reason = "bad"
@@ -1385,8 +1382,9 @@ class PooledConnection:
             # Pool._update_return_path_locked): the current generation, so not
             # inherited across a fork; not bad; no is_valid hook to run.
             try:
-                tx_state = pool._tx_state  # through a local, as in acquire()
-                state = tx_state(rec.raw)  # type: ignore[misc]
+                # the driver's method, looked up on the driver: a call both 3.11
+                # and 3.13 specialise (a bound method kept in a slot, 3.11 not)
+                state = pool._driver.transaction_state(rec.raw)  # type: ignore[union-attr]
             except Exception as exc:
                 pool._checkin(rec, exc)
                 return

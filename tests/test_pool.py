@@ -1250,7 +1250,9 @@ def test_a_connection_an_error_showed_bad_is_closed_on_return_though_it_reads_id
 
 
 @pytest.mark.parametrize("event", ["invalidate", "close"])
-def test_a_return_in_flight_when_the_pool_is_invalidated_or_closed_is_not_kept(make_pool: Any, event: str) -> None:
+def test_a_return_in_flight_when_the_pool_is_invalidated_or_closed_is_not_kept(
+    make_pool: Any, monkeypatch: Any, event: str
+) -> None:
     """invalidate() or close() lands while a return is between its first
     look at the connection and taking the lock: the connection was checked
     out at that moment, so it must be closed, never put back on the stack."""
@@ -1259,14 +1261,15 @@ def test_a_return_in_flight_when_the_pool_is_invalidated_or_closed_is_not_kept(m
     raw = conn.driver_connection
     in_state = threading.Barrier(2)
     resume = threading.Event()
-    read_state = pool._tx_state
+    driver = pool._driver
+    read_state = driver.transaction_state
 
     def paused(c: Any) -> int:
         in_state.wait(5)
         resume.wait(5)
         return read_state(c)
 
-    pool._tx_state = paused
+    monkeypatch.setattr(driver, "transaction_state", paused)  # shared by pools: undone below
     t = threading.Thread(target=conn.close)
     t.start()
     in_state.wait(5)  # the return has passed its check outside the lock
@@ -1276,7 +1279,7 @@ def test_a_return_in_flight_when_the_pool_is_invalidated_or_closed_is_not_kept(m
         pool.close(timeout=0)
     resume.set()
     t.join(5)
-    pool._tx_state = read_state
+    monkeypatch.undo()
     assert raw.closed
     st = pool.stats()
     assert st.idle == 0
