@@ -117,10 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         backend = open_backend(args.backend, args.dsn)
     except ImportError as exc:
-        print(
-            f"benchmarks: the {args.backend} driver is not installed ({exc}); pip install 'poolkit[bench]'",
-            file=sys.stderr,
-        )
+        extra = "dqlite" if args.backend == "dqlite" else "bench"  # dqlite-dbapi is not in bench
+        hint = f"pip install 'poolkit[{extra}]'"
+        print(f"benchmarks: the {args.backend} driver is not installed ({exc}); {hint}", file=sys.stderr)
         return 2
     except Exception as exc:
         where = f" at {args.dsn!r}" if args.dsn else " (this machine's default server; --dsn to choose one)"

@@ -8,6 +8,7 @@ import functools
 import json
 import shutil
 import sqlite3
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,17 @@ def test_a_server_that_cannot_be_reached_is_named_not_a_traceback(
     err = capsys.readouterr().err
     assert f"cannot open the {backend} backend at {dsn!r}" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.skipif(sys.version_info < (3, 13), reason="the dqlite backend needs Python >= 3.13 (py313 runs this)")
+def test_a_missing_dqlite_driver_names_the_extra_that_installs_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "dqlitedbapi", None)  # as if not installed: importing it raises
+    assert main(["--backend", "dqlite", "--dsn", "127.0.0.1:1", "--scenario", "checkout"]) == 2
+    err = capsys.readouterr().err
+    assert "the dqlite driver is not installed" in err
+    assert "pip install 'poolkit[dqlite]'" in err  # the bench extra does not install it
 
 
 def test_scenarios_can_be_chosen_comma_separated(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
