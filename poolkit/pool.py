@@ -61,8 +61,6 @@ _NUMBER = (int, float)  # the types a timeout may have: checked by type, bool re
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep  # left out of leak stacks
 _RETURNED = "this connection was returned to its pool and can no longer be used"
 _CURSOR_RETURNED = "this cursor's connection was returned to its pool"
-# Builds cursor proxies without the frame of their __init__ (see _wrap_cursor).
-_new_object = object.__new__
 
 # Connections a forked child inherited from its parent. The child must never
 # use them, and must not let them be garbage collected either: finalising a
@@ -559,9 +557,6 @@ class Pool:
                 return _lease(self, rec)
             self._discard(rec, reason)
 
-    def _take_locked(self, rec: _Conn) -> None:
-        self._acquired += 1
-
     def _in_use_locked(self) -> int:
         """Connections checked out: open, and neither being opened, idle, nor
         let go of and being closed. Derived, not counted, so that a checkout
@@ -586,7 +581,7 @@ class Pool:
                 raise PoolClosed(f"pool {self.name!r} is closed")
             if self._idle and (not self._waiters or self._may_barge_locked()):
                 rec = self._idle.pop()
-                self._take_locked(rec)
+                self._acquired += 1
                 return rec
             if self._open < self._max_size:
                 self._open += 1
@@ -721,7 +716,7 @@ class Pool:
             self._last_connect_error = None
             stale = generation != self._generation or self._closed or epoch != self._epoch
             if not stale:
-                self._take_locked(rec)
+                self._acquired += 1
                 return rec
             self._closing += 1
         self._retire(rec, "invalidated")  # opened before an invalidate(): never handed out
@@ -1540,6 +1535,7 @@ class PooledCursor:
         setattr(self._cur(), name, value)
 
 
+_new_cursor = object.__new__  # builds a cursor proxy without the frame of its __init__
 _set_cursor = PooledCursor._cursor.__set__  # type: ignore[attr-defined]
 _set_conn = PooledCursor._conn.__set__  # type: ignore[attr-defined]
 
@@ -1547,7 +1543,7 @@ _set_conn = PooledCursor._conn.__set__  # type: ignore[attr-defined]
 def _wrap_cursor(cursor: Any, conn: PooledConnection) -> PooledCursor:
     """``PooledCursor(cursor, conn)`` for the hot path: through the slots'
     own descriptors, as ``__setattr__`` forwards to the driver's cursor."""
-    pc: PooledCursor = _new_object(PooledCursor)
+    pc: PooledCursor = _new_cursor(PooledCursor)
     _set_cursor(pc, cursor)
     _set_conn(pc, conn)
     return pc
