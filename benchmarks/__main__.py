@@ -177,7 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     report.write_json(results, path)
     charts = report.charts(results, args.out)
     print(report.render(results))
-    print(f"\nresults: {path}" + (f"; charts: {', '.join(charts)}" if charts else "; charts: matplotlib not installed"))
+    if charts is None:
+        drawn = "matplotlib not installed"
+    else:
+        drawn = ", ".join(charts) or "none for these scenarios (checkout, query and contention have one)"
+    print(f"\nresults: {path}; charts: {drawn}")
     print(log.summary())
     return 0
 

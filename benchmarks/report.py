@@ -291,15 +291,17 @@ def write_json(results: dict[str, Any], path: str) -> None:
     write_json_atomic(path, results)
 
 
-def charts(results: dict[str, Any], folder: str) -> list[str]:
-    """PNG charts of latency, throughput and fairness; [] when matplotlib is missing."""
+def charts(results: dict[str, Any], folder: str) -> list[str] | None:
+    """PNG charts of latency, throughput and fairness, for the scenarios that
+    have one (checkout, query, contention): the paths written, or None when
+    matplotlib is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return []
+        return None
     sc = results["scenarios"]
     footer = env_line(results["env"])
     written = []

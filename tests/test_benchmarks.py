@@ -73,6 +73,17 @@ def test_scenarios_can_be_chosen_comma_separated(tmp_path: Path, capsys: pytest.
     assert "unknown scenario nosuch" in capsys.readouterr().err
 
 
+def test_a_run_without_a_charted_scenario_says_so_not_that_matplotlib_is_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("matplotlib")
+    assert main(["--quick", "--scenario", "liveness", "--pools", "poolkit", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "charts: none for these scenarios" in out
+    assert "matplotlib not installed" not in out
+    assert not list(tmp_path.glob("*.png"))
+
+
 @pytest.mark.integration
 def test_what_the_pools_log_goes_to_a_file_not_over_the_progress_bar(
     pg: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
