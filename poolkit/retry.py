@@ -15,10 +15,12 @@ What ``pool.run`` retries, by the category of the error (see
 - ``PERMANENT``: never.
 
 Retries are bounded by a count and by a deadline, with exponential backoff
-and jitter (tenacity). The default budget, 10 attempts within 15 seconds,
-rides out a server restart or a leader election of a few seconds. Turn
-retries off per call (``retry=False``), per pool (``Pool(retry=False)``) or
-for the whole process (``POOLKIT_RETRY=off`` in the environment).
+and jitter (tenacity), except that the first connection a call loses under
+its work is retried at once (see :meth:`_Attempt.failed`). The default
+budget, 10 attempts within 15 seconds, rides out a server restart or a
+leader election of a few seconds. Turn retries off per call
+(``retry=False``), per pool (``Pool(retry=False)``) or for the whole
+process (``POOLKIT_RETRY=off`` in the environment).
 """
 
 from __future__ import annotations
@@ -182,13 +184,28 @@ class Ledger:
 
 
 class _Attempt:
-    """What one attempt got to before it failed."""
+    """What one call's attempts got to: the stage the current one is at, and
+    what the failures so far say about the next wait."""
 
-    __slots__ = ("bad_connections", "stage")
+    __slots__ = ("at_once", "bad_connections", "stage")
 
     def __init__(self) -> None:
         self.stage = "checkout"  # checkout -> begin -> work -> commit
         self.bad_connections = 0
+        self.at_once = False  # the next attempt starts without a wait
+
+    def failed(self, category: Category) -> None:
+        """An attempt failed with ``category`` at the current stage.
+
+        The first connection a call loses after checkout is retried at once
+        (Go's database/sql retries a bad connection without a wait too): a
+        pooled connection that died, cut by a proxy or killed by the server,
+        says nothing about the server, and the next attempt takes another
+        one. A connection that could not be opened does, and so does a second
+        loss: from then on the waits back off as the budget says."""
+        if category is Category.BAD_CONNECTION:
+            self.bad_connections += 1
+        self.at_once = category is Category.BAD_CONNECTION and self.bad_connections == 1 and self.stage != "checkout"
 
 
 def safe_to_retry(category: Category, stage: str, *, idempotent: bool, request_id: str | None) -> bool:
@@ -209,11 +226,20 @@ def make_retrying(
     policy: Retry,
     should_retry: Callable[[BaseException], bool],
     before_sleep: Callable[[tenacity.RetryCallState], None],
+    state: _Attempt,
 ) -> tenacity.Retrying:
-    """The tenacity loop for a retry budget."""
+    """The tenacity loop for a retry budget. ``should_retry`` tells ``state``
+    how each attempt failed (:meth:`_Attempt.failed`), which tenacity asks
+    before the wait: no wait when ``state.at_once``, else exponential backoff
+    with jitter."""
+    backoff = tenacity.wait_random_exponential(multiplier=policy.initial_backoff, max=policy.max_backoff)
+
+    def wait(rs: tenacity.RetryCallState) -> float:
+        return 0.0 if state.at_once else backoff(rs)
+
     return tenacity.Retrying(
         stop=tenacity.stop_after_attempt(policy.attempts) | tenacity.stop_before_delay(policy.deadline),
-        wait=tenacity.wait_random_exponential(multiplier=policy.initial_backoff, max=policy.max_backoff),
+        wait=wait,
         retry=tenacity.retry_if_exception(should_retry),
         before_sleep=before_sleep,
         reraise=True,
@@ -261,11 +287,10 @@ def run(
         if isinstance(exc, PoolError) and not isinstance(exc, AmbiguousCommitError):
             return False  # PoolTimeout, PoolClosed...: the pool already waited
         c = pool.classify(exc, during_commit=state.stage == "commit")
-        if c.category is Category.BAD_CONNECTION:
-            state.bad_connections += 1
+        state.failed(c.category)
         return safe_to_retry(c.category, state.stage, idempotent=idempotent, request_id=request_id)
 
-    retrying = make_retrying(policy, should_retry, lambda rs: _log_retry(pool, policy, state.stage, rs))
+    retrying = make_retrying(policy, should_retry, lambda rs: _log_retry(pool, policy, state.stage, rs), state)
     for attempt in retrying:
         with attempt:
             number = attempt.retry_state.attempt_number

@@ -36,7 +36,7 @@ from poolkit.classify import Category, classify
 from poolkit.drivers import DelegatingDriver
 from poolkit.errors import AmbiguousCommitError, PoolError, PoolTimeout
 from poolkit.pool import Pool, PooledConnection
-from poolkit.retry import Retry, _policy_from, make_retrying, safe_to_retry
+from poolkit.retry import Retry, _Attempt, _policy_from, make_retrying, safe_to_retry
 
 __all__ = ["PoolkitPlugin", "PoolkitPool", "instrument", "run"]
 
@@ -286,14 +286,15 @@ def run(
     policy = _policy_from(pk.retry if pk is not None else Retry.default(), retry)
     ledger = Ledger(ledger_table) if request_id is not None else None
     is_session = not isinstance(bind, Engine)
-    stage = ["checkout"]
+    state = _Attempt()
     ready = [False]
 
     def should_retry(e: BaseException) -> bool:
         if isinstance(e, (PoolError, exc.TimeoutError)) and not isinstance(e, AmbiguousCommitError):
             return False
-        c = classify(e, during_commit=stage[0] == "commit")
-        return safe_to_retry(c.category, stage[0], idempotent=idempotent, request_id=request_id)
+        c = classify(e, during_commit=state.stage == "commit")
+        state.failed(c.category)
+        return safe_to_retry(c.category, state.stage, idempotent=idempotent, request_id=request_id)
 
     def before_sleep(rs: Any) -> None:
         if pk is not None:
@@ -304,7 +305,7 @@ def run(
             "engine: attempt %d of %d failed at %s (%s); retrying in %.2fs",
             rs.attempt_number,
             policy.attempts,
-            stage[0],
+            state.stage,
             f"{c.category.name}: {c.reason}" if c else e,
             rs.upcoming_sleep,
         )
@@ -324,9 +325,9 @@ def run(
             return False
         return True
 
-    for attempt in make_retrying(policy, should_retry, before_sleep):
+    for attempt in make_retrying(policy, should_retry, before_sleep, state):
         with attempt:
-            stage[0] = "checkout"
+            state.stage = "checkout"
             if ledger is not None and not ready[0]:
                 with engine.begin() as conn:
                     conn.execute(text(ledger.create_sql))
@@ -334,23 +335,23 @@ def run(
             if is_session:
                 session = bind()
                 try:
-                    stage[0] = "work"
+                    state.stage = "work"
                     session.begin()
                     if ledger is not None and not first_claim(session):
                         return None  # type: ignore[return-value]
                     result = fn(session)
-                    stage[0] = "commit"
+                    state.stage = "commit"
                     session.commit()
                     return result
                 finally:
                     session.close()
             with engine.connect() as conn:
-                stage[0] = "work"
+                state.stage = "work"
                 conn.begin()
                 if ledger is not None and not first_claim(conn):
                     return None  # type: ignore[return-value]
                 result = fn(conn)
-                stage[0] = "commit"
+                state.stage = "commit"
                 conn.commit()
                 return result
     raise AssertionError("unreachable")  # pragma: no cover

@@ -156,6 +156,38 @@ def test_idempotent_work_killed_mid_way_is_retried_and_succeeds(net_backend: Any
     assert count(net_backend, table) == 1
 
 
+def test_a_lost_connection_is_retried_at_once_and_a_second_loss_after_a_wait(
+    net_backend: Any, monkeypatch: Any, caplog: Any
+) -> None:
+    # A pooled connection that dies under the work (a proxy cut it, the server
+    # killed it) says nothing about the server: the retry takes another
+    # connection without waiting. A second loss backs off as the budget says.
+    import random
+
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)  # tenacity's jitter: the top
+    budget = Retry(attempts=4, deadline=20, initial_backoff=0.3, max_backoff=0.3)
+    starts: list[float] = []
+    lost: list[float] = []
+
+    def read(conn: Any) -> int:
+        starts.append(time.monotonic())
+        cur = conn.cursor()
+        if len(starts) <= 2:
+            net_backend.kill(conn.driver_connection)  # waits until the server has let it go
+            lost.append(time.monotonic())
+        cur.execute("SELECT 42")
+        return int(cur.fetchone()[0])
+
+    with Pool(net_backend.connect, max_size=2, retry=budget) as pool:
+        with caplog.at_level("WARNING", logger="poolkit.retry"):
+            assert pool.run(read, idempotent=True) == 42
+        assert pool.stats().retries == 2 and pool.stats().closed_bad == 2
+    waits = [r.args[-1] for r in caplog.records if r.name == "poolkit.retry" and "retrying in" in r.msg]
+    assert waits == [0.0, 0.3]
+    assert starts[1] - lost[0] < 0.2  # at once: a new connection, no backoff
+    assert starts[2] - lost[1] >= 0.3 - 0.01
+
+
 def slow_commit_work(pg: Any, table: str, seconds: int) -> tuple[Callable[[Any], None], list[int]]:
     """Work whose COMMIT takes ``seconds`` (a deferred constraint trigger
     sleeps in it) and whose first COMMIT is killed from the server while it

@@ -210,7 +210,12 @@ def test_retry_helper_survives_a_kill_between_attempts_and_never_applies_twice(p
         eng.dispose()
 
 
-def test_retry_helper_retries_idempotent_core_work(net_backend: Any, tmp_path: Any) -> None:
+def test_retry_helper_retries_idempotent_core_work_a_lost_connection_at_once_a_second_after_a_wait(
+    net_backend: Any, tmp_path: Any, monkeypatch: Any, caplog: Any
+) -> None:
+    import random
+
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)  # tenacity's jitter: the top
     eng = create_engine(url_for(net_backend, tmp_path) + "?plugin=poolkit")
     try:
         calls = 0
@@ -218,12 +223,16 @@ def test_retry_helper_retries_idempotent_core_work(net_backend: Any, tmp_path: A
         def read(conn: Any) -> int:
             nonlocal calls
             calls += 1
-            if calls == 1:
+            if calls <= 2:
                 net_backend.kill(conn.connection.dbapi_connection)
             return int(conn.execute(text("SELECT 41 + 1")).scalar())
 
-        assert pksa.run(eng, read, idempotent=True, retry=poolkit.Retry(attempts=4, initial_backoff=0.01)) == 42
-        assert calls == 2
+        budget = poolkit.Retry(attempts=4, deadline=20, initial_backoff=0.3, max_backoff=0.3)
+        with caplog.at_level("WARNING", logger="poolkit.sqlalchemy"):
+            assert pksa.run(eng, read, idempotent=True, retry=budget) == 42
+        assert calls == 3
+        waits = [r.args[-1] for r in caplog.records if r.name == "poolkit.sqlalchemy" and "retrying in" in r.msg]
+        assert waits == [0.0, 0.3]  # as pool.run: see test_run.py
         with pytest.raises(TypeError, match="Engine or a sessionmaker"):
             pksa.run("nope", read)
     finally:
