@@ -40,6 +40,22 @@ class Clock:
 
 
 @pytest.fixture
+def retry_waits(monkeypatch: Any, caplog: Any) -> Any:
+    """tenacity's jittered wait pinned to the top of its range, so the wait it
+    picks is known exactly; returns a function giving the waits before each
+    retry as ``logger`` logged them (pool.run: poolkit.retry; the SQLAlchemy
+    helper: poolkit.sqlalchemy). The test sets caplog's level."""
+    import random
+
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)
+
+    def waits(logger: str) -> list[float]:
+        return [r.args[-1] for r in caplog.records if r.name == logger and "retrying in" in r.msg]
+
+    return waits
+
+
+@pytest.fixture
 def server() -> fakedb.Server:
     return fakedb.Server()
 

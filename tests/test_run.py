@@ -109,39 +109,23 @@ def test_bad_connection_is_retried_when_idempotent(make_pool: Any, server: faked
     assert fn.conns[0].closed and fn.conns[0] is not fn.conns[1]
 
 
-def logged_waits(caplog: Any) -> list[float]:
-    """The wait before each retry, as pool.run logged it (tenacity's upcoming sleep)."""
-    return [r.args[-1] for r in caplog.records if r.name == "poolkit.retry" and "retrying in" in r.msg]
-
-
-@pytest.fixture
-def full_jitter_top(monkeypatch: Any) -> None:
-    """tenacity's jittered wait takes the top of its range: the wait it would
-    pick is then known exactly."""
-    import random
-
-    monkeypatch.setattr(random, "uniform", lambda low, high: high)
-
-
 BACKOFF = Retry(attempts=5, deadline=5, initial_backoff=0.02, max_backoff=0.02)
 
 
-@pytest.mark.usefixtures("full_jitter_top")
 def test_the_first_lost_connection_is_retried_at_once_the_next_one_after_a_wait(
-    make_pool: Any, server: fakedb.Server, caplog: Any
+    make_pool: Any, server: fakedb.Server, caplog: Any, retry_waits: Any
 ) -> None:
     pool = make_pool(retry=BACKOFF)
     fn = Script(dead(), dead(), None)
     with caplog.at_level(logging.WARNING, logger="poolkit.retry"):
         assert pool.run(fn, idempotent=True) == "ok"
     assert fn.calls == 3
-    assert logged_waits(caplog) == [0.0, 0.02]
+    assert retry_waits("poolkit.retry") == [0.0, 0.02]
     assert pool.stats().retries == 2
 
 
-@pytest.mark.usefixtures("full_jitter_top")
 def test_a_conflict_or_a_write_rejected_as_not_leader_is_retried_after_a_wait(
-    make_pool: Any, server: fakedb.Server, caplog: Any
+    make_pool: Any, server: fakedb.Server, caplog: Any, retry_waits: Any
 ) -> None:
     # these say something about the server (busy with others; electing a
     # leader), so the first retry waits already. (A connection that cannot be
@@ -155,7 +139,7 @@ def test_a_conflict_or_a_write_rejected_as_not_leader_is_retried_after_a_wait(
     with caplog.at_level(logging.WARNING, logger="poolkit.retry"):
         assert pool.run(fn) == "ok"
     assert fn.calls == 3
-    assert logged_waits(caplog) == [0.02, 0.02]
+    assert retry_waits("poolkit.retry") == [0.02, 0.02]
 
 
 def test_connection_lost_at_commit_is_ambiguous_and_not_retried(make_pool: Any, server: fakedb.Server) -> None:
