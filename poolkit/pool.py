@@ -9,6 +9,7 @@ the lock held.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -576,31 +577,56 @@ class Pool:
         if self._maintainer is None:
             self._start_maintenance()  # in a forked child (_reset_after_fork cleared it)
         waiter = None
-        with self._lock:
-            if self._closed:
-                raise PoolClosed(f"pool {self.name!r} is closed")
-            if self._idle and (not self._waiters or self._may_barge_locked()):
-                rec = self._idle.pop()
-                self._acquired += 1
-                return rec
-            if self._open < self._max_size:
-                self._open += 1
-                self._opening += 1
-            else:
-                if self._max_waiting and len(self._waiters) >= self._max_waiting:
-                    raise TooManyWaiters(
-                        f"pool {self.name!r}: {len(self._waiters)} callers already waiting (max_waiting)"
-                    )
-                now = time.monotonic()
-                self._looping = now - self._returned_at < _CAME_BACK
-                waiter = _Waiter(now, now + self._handoff_after)
-                self._waiters.append(waiter)
-        if waiter is not None:
-            waiter_rec = self._wait(waiter, deadline)
-            if waiter_rec is not None:
-                return waiter_rec
-            # granted a slot: open a connection in it
+        try:
+            with self._lock:
+                if self._closed:
+                    raise PoolClosed(f"pool {self.name!r} is closed")
+                if self._idle and (not self._waiters or self._may_barge_locked()):
+                    rec = self._idle.pop()
+                    self._acquired += 1
+                    return rec
+                if self._open < self._max_size:
+                    self._open += 1
+                    self._opening += 1
+                else:
+                    if self._max_waiting and len(self._waiters) >= self._max_waiting:
+                        raise TooManyWaiters(
+                            f"pool {self.name!r}: {len(self._waiters)} callers already waiting (max_waiting)"
+                        )
+                    now = time.monotonic()
+                    self._looping = now - self._returned_at < _CAME_BACK
+                    waiter = _Waiter(now, now + self._handoff_after)
+                    self._waiters.append(waiter)
+            if waiter is not None:
+                waiter_rec = self._wait(waiter, deadline)
+                if waiter_rec is not None:
+                    return waiter_rec
+                # granted a slot: open a connection in it
+        except BaseException:
+            if waiter is not None:
+                self._abandon(waiter)
+            raise
         return self._open_in_slot(deadline)
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        """``waiter``'s caller left by an exception: a timeout or the pool's
+        closing (nothing to undo then), or an interruption while it waited
+        (KeyboardInterrupt, a gevent Timeout). Take it out of the line, and
+        pass on what the pool gave it meanwhile: a connection to the next
+        waiter or the idle stack, a slot to the next waiter. Left in line, it
+        would be handed connections and slots that nobody takes."""
+        with self._lock:
+            with contextlib.suppress(ValueError):  # not in line: served, timed out, or the pool closed
+                self._waiters.remove(waiter)
+            rec, waiter.rec = waiter.rec, None
+            if waiter.grant:
+                waiter.grant = False
+                self._release_slot_locked()
+            reason = None if rec is None else self._put_back_locked(rec, None)
+            self._serve_idle_locked()  # not kept for this caller: it is gone
+        if rec is not None and reason is not None:
+            self._log_discard(rec, reason)
+            self._retire(rec, reason)
 
     def _may_barge_locked(self) -> bool:
         """Others wait, and a connection is idle: may this caller take it? Yes
@@ -648,10 +674,12 @@ class Pool:
                 raise waiter.error
             if waiter.rec is None and not waiter.grant:
                 self._serve_idle_locked()  # time is up, but there may be a connection
-            if waiter.rec is not None:
+            rec, waiter.rec = waiter.rec, None  # ours now: nothing for _abandon to pass on
+            if rec is not None:
                 self._acquired += 1  # counted in use already
-                return waiter.rec
+                return rec
             if waiter.grant:
+                waiter.grant = False  # ours now: _open_in_slot gives it back if it fails
                 return None
             # timed out, and nobody served us in the meantime: leave the line
             self._waiters.remove(waiter)
@@ -665,51 +693,37 @@ class Pool:
 
     def _open_in_slot(self, deadline: float) -> _Conn | None:
         """Open a connection in a slot reserved for this caller, retrying with
-        backoff while the server does not answer, until ``deadline``."""
+        backoff while the server does not answer, until ``deadline``.
+
+        Whatever stops it (a connect error, the deadline, or an exception
+        that is not an error at all: KeyboardInterrupt, a gevent Timeout
+        raised inside a hung connect) gives the slot back before it goes
+        on: a slot lost here would be lost to the pool for good."""
         generation = self._generation  # read before connecting: see invalidate()
         era = self._era
         epoch = self._epoch
-        attempt = 0
-        while True:
-            raw = None
+        rec = None
+        try:
+            raw = self._connect_until(deadline)
             try:
-                raw = self._connect()
-                if self._driver is None:
-                    self._driver = driver_for_connection(raw)
-                self._driver.open(raw)
-                if not self._driver_checked:
-                    self._driver.check_config(raw)
-                    self._driver_checked = True
-                if self._configure is not None:
-                    self._configure(raw)
-                break
-            except Exception as exc:
-                if raw is not None:
-                    self._close_raw(raw)
-                retry = _is_connect_failure(exc) and not self._closed
-                delay = min(2.0, 0.05 * 2**attempt) * (0.5 + self._random.random() / 2)
-                attempt += 1
-                with self._lock:
-                    self._connect_errors += 1
-                    self._last_connect_error = exc
-                    if not retry or time.monotonic() + delay >= deadline:
-                        self._release_slot_locked()
-                        give_up = True
-                    else:
-                        give_up = False
-                logger.warning("pool %r: connect failed (attempt %d): %r", self.name, attempt, exc)
-                if give_up:
-                    if not retry:
-                        raise
-                    raise PoolTimeout(f"pool {self.name!r}: could not connect within the timeout: {exc}") from exc
-                self._stop.wait(delay)
-        now = self._clock()
-        lifetime = self._max_lifetime * (1.0 - self._lifetime_jitter * self._random.random())
-        rec = _Conn(raw, next(self._ids), generation, epoch, now, now + lifetime, self._orphans)
-        rec.ticket = era
-        self._touch(rec, now)
-        if self._liveness:
-            rec.poller = liveness_probe(self._driver, raw)
+                now = self._clock()
+                lifetime = self._max_lifetime * (1.0 - self._lifetime_jitter * self._random.random())
+                rec = _Conn(raw, next(self._ids), generation, epoch, now, now + lifetime, self._orphans)
+                rec.ticket = era
+                self._touch(rec, now)
+                if self._liveness:
+                    rec.poller = liveness_probe(self._driver, raw)  # type: ignore[arg-type]
+            except BaseException:
+                if rec is not None:
+                    rec.retired = True  # not an orphan: closed here
+                    if rec.poller is not None:
+                        rec.poller.close()
+                self._close_raw(raw)
+                raise
+        except BaseException:
+            with self._lock:
+                self._release_slot_locked()
+            raise
         with self._lock:
             self._opening -= 1
             self._created += 1
@@ -723,6 +737,44 @@ class Pool:
         if self._closed:
             raise PoolClosed(f"pool {self.name!r} is closed")
         return None
+
+    def _connect_until(self, deadline: float) -> Any:
+        """A new, configured driver connection, retried with backoff while
+        the server does not answer; ``PoolTimeout`` at ``deadline``. The
+        caller owns the slot (see :meth:`_open_in_slot`)."""
+        attempt = 0
+        while True:
+            raw = None
+            try:
+                raw = self._connect()
+                if self._driver is None:
+                    self._driver = driver_for_connection(raw)
+                self._driver.open(raw)
+                if not self._driver_checked:
+                    self._driver.check_config(raw)
+                    self._driver_checked = True
+                if self._configure is not None:
+                    self._configure(raw)
+                return raw
+            except Exception as exc:
+                if raw is not None:
+                    self._close_raw(raw)
+                retry = _is_connect_failure(exc) and not self._closed
+                delay = min(2.0, 0.05 * 2**attempt) * (0.5 + self._random.random() / 2)
+                attempt += 1
+                with self._lock:
+                    self._connect_errors += 1
+                    self._last_connect_error = exc
+                logger.warning("pool %r: connect failed (attempt %d): %r", self.name, attempt, exc)
+                if not retry:
+                    raise
+                if time.monotonic() + delay >= deadline:
+                    raise PoolTimeout(f"pool {self.name!r}: could not connect within the timeout: {exc}") from exc
+            except BaseException:  # interrupted in the connect or the set-up
+                if raw is not None:
+                    self._close_raw(raw)
+                raise
+            self._stop.wait(delay)
 
     def _acquire_fresh(self, timeout: float | None) -> PooledConnection:
         """A connection opened for this caller, never a pooled one: in a free
@@ -747,7 +799,12 @@ class Pool:
         if not slot:
             return self.acquire(timeout)
         if victim is not None:
-            self._retire(victim, "refreshed", keep_slot=True)
+            try:
+                self._retire(victim, "refreshed", keep_slot=True)
+            except BaseException:  # interrupted in the close: give back the slot we took
+                with self._lock:
+                    self._release_slot_locked()
+                raise
         rec = self._open_in_slot(deadline)
         if rec is not None:
             if self._out is not None:
@@ -757,7 +814,19 @@ class Pool:
 
     def _check_out(self, rec: _Conn, suspect: bool | None = None) -> str | None:
         """Checks before handing ``rec`` out; the reason to discard it, or None.
-        ``suspect``: what the liveness probe said already (None: not run yet)."""
+        ``suspect``: what the liveness probe said already (None: not run yet).
+
+        If a check raises instead (KeyboardInterrupt or a gevent Timeout in
+        the middle of a ping, or a hook's bug), ``rec`` is discarded before
+        the exception goes on: a connection interrupted mid-conversation
+        cannot be trusted, and it must not be stranded, counted as in use."""
+        try:
+            return self._checks(rec, suspect)
+        except BaseException:
+            self._discard(rec, "bad")
+            raise
+
+    def _checks(self, rec: _Conn, suspect: bool | None) -> str | None:
         now = self._clock()
         if rec.generation != self._generation:
             return "invalidated"
@@ -830,30 +899,36 @@ class Pool:
             return
         raw = rec.raw
         reason = rec.bad or None
-        if reason is None:
-            try:
-                if isinstance(state, Exception):
-                    raise state
-                if state is None:
-                    state = self._driver.transaction_state(raw)  # type: ignore[union-attr]
-                if state:  # not IDLE
-                    if state == BROKEN:
-                        reason = "bad"
-                    else:  # IN_TRANSACTION or UNKNOWN
-                        self._driver.rollback(raw)  # type: ignore[union-attr]
-            except Exception as exc:
-                logger.warning("pool %r: rollback on return failed on connection %d: %r", self.name, rec.id, exc)
-                reason = "bad"
-            if reason is None and self._is_valid is not None:
-                try:
-                    if not self._is_valid(raw):
-                        reason = "invalid"
-                except Exception as exc:
-                    logger.warning("pool %r: is_valid raised on connection %d: %r", self.name, rec.id, exc)
-                    reason = "invalid"
+        try:
             if reason is None:
-                self._touch(rec, self._clock())
-                rec.used = True
+                try:
+                    if isinstance(state, Exception):
+                        raise state
+                    if state is None:
+                        state = self._driver.transaction_state(raw)  # type: ignore[union-attr]
+                    if state:  # not IDLE
+                        if state == BROKEN:
+                            reason = "bad"
+                        else:  # IN_TRANSACTION or UNKNOWN
+                            self._driver.rollback(raw)  # type: ignore[union-attr]
+                except Exception as exc:
+                    logger.warning("pool %r: rollback on return failed on connection %d: %r", self.name, rec.id, exc)
+                    reason = "bad"
+                if reason is None and self._is_valid is not None:
+                    try:
+                        if not self._is_valid(raw):
+                            reason = "invalid"
+                    except Exception as exc:
+                        logger.warning("pool %r: is_valid raised on connection %d: %r", self.name, rec.id, exc)
+                        reason = "invalid"
+                if reason is None:
+                    self._touch(rec, self._clock())
+                    rec.used = True
+        except BaseException:
+            # interrupted in the rollback or is_valid (KeyboardInterrupt): the
+            # connection's state is unknown; close it rather than strand it
+            self._put_back(rec, "bad")
+            raise
         self._put_back(rec, reason)
 
     def _put_back(self, rec: _Conn, reason: str | None) -> None:
@@ -952,21 +1027,38 @@ class Pool:
         the slot would otherwise connect while this one is still closing).
         ``keep_slot``: the caller opens a replacement in it."""
         rec.retired = True
-        self._close_raw(rec.raw)
-        if rec.poller is not None:
-            rec.poller.close()
-        with self._lock:
-            self._closed_total += 1
-            if reason in self._closed_by:
-                self._closed_by[reason] += 1
-            if not keep_slot:
-                self._open -= 1
-                self._closing -= 1
-                if self._plain_ticket is _NO_TICKET:  # shrunk: fits again now?
-                    self._update_return_path_locked()
-                self._grant_locked()
-            if self._closed and not self._in_use_locked():
-                self._returned.notify_all()
+        try:
+            self._close_raw(rec.raw)
+        finally:
+            # even if the close was interrupted (KeyboardInterrupt): the driver's
+            # object then closes when collected, and a slot kept would be lost
+            if rec.poller is not None:
+                rec.poller.close()
+            with self._lock:
+                self._closed_total += 1
+                if reason in self._closed_by:
+                    self._closed_by[reason] += 1
+                if not keep_slot:
+                    self._open -= 1
+                    self._closing -= 1
+                    if self._plain_ticket is _NO_TICKET:  # shrunk: fits again now?
+                        self._update_return_path_locked()
+                    self._grant_locked()
+                if self._closed and not self._in_use_locked():
+                    self._returned.notify_all()
+
+    def _retire_all(self, recs: list[_Conn], reason: str) -> None:
+        """Retire each of ``recs`` (taken off the idle stack and counted as
+        closing). If one close is interrupted (KeyboardInterrupt), the rest
+        are still retired before the interruption goes on: left out, their
+        slots would be lost to the pool for good."""
+        left = iter(recs)
+        try:
+            for rec in left:
+                self._retire(rec, reason)
+        finally:
+            for rec in left:  # only after an interruption
+                self._retire(rec, reason)
 
     def _close_raw(self, raw: Any) -> None:
         try:
@@ -1042,8 +1134,7 @@ class Pool:
             self._closing += len(idle)
             generation = self._generation
         logger.info("pool %r: invalidated (generation %d); closing %d idle", self.name, generation, len(idle))
-        for rec in idle:
-            self._retire(rec, "invalidated")
+        self._retire_all(idle, "invalidated")
 
     def resize(self, max_size: int) -> None:
         """Change ``max_size``. Growing lets waiters open connections at once;
@@ -1061,8 +1152,7 @@ class Pool:
             closing, self._idle = self._idle[:excess], self._idle[excess:]  # oldest first
             self._closing += len(closing)
             self._grant_locked()
-        for rec in closing:
-            self._retire(rec, "resized")
+        self._retire_all(closing, "resized")
 
     def close(self, timeout: float = 5.0) -> None:
         """Close the pool: waiters get :class:`PoolClosed`, idle connections are
@@ -1081,8 +1171,7 @@ class Pool:
                 waiter.error = PoolClosed(f"pool {self.name!r} was closed while waiting")
                 waiter.lock.release()
         self._stop.set()
-        for rec in idle:
-            self._retire(rec, "closed")
+        self._retire_all(idle, "closed")
         maintainer = self._maintainer
         if maintainer is not None and maintainer is not threading.current_thread() and maintainer.is_alive():
             maintainer.join(timeout)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -12,6 +13,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import fakedb
 
 from poolkit import Pool
+from poolkit.testing import ChaosProxy
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -143,6 +145,26 @@ def sqlite_backend(tmp_path: Any) -> Any:
     b = _open_backend("sqlite", tmp_path)
     yield b
     b.close()
+
+
+@pytest.fixture
+def proxied(net_backend: Any) -> Any:
+    """(backend, proxy, connect through a chaos proxy in front of its server)."""
+    if net_backend.name == "postgresql":
+        import psycopg
+
+        parts = dict(p.split("=", 1) for p in backends.PG_DSN.split())
+        proxy = ChaosProxy(parts["host"], int(parts["port"])).start()
+        dsn = f"host=127.0.0.1 port={proxy.port} dbname={parts['dbname']} user={parts['user']}"
+        connect = functools.partial(psycopg.connect, dsn, connect_timeout=2)
+    else:
+        import pymysql
+
+        proxy = ChaosProxy(backends.MYSQL_ARGS["host"], backends.MYSQL_ARGS["port"]).start()
+        args = dict(backends.MYSQL_ARGS, host="127.0.0.1", port=proxy.port)
+        connect = functools.partial(pymysql.connect, **args, connect_timeout=2, read_timeout=2, write_timeout=2)
+    yield net_backend, proxy, connect
+    proxy.stop()
 
 
 def _test_backend(request: Any) -> Any:

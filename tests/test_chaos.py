@@ -3,40 +3,17 @@ in production, on the real servers."""
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 from typing import Any
 
 import pytest
-from backends import MYSQL_ARGS, PG_DSN
 
 from poolkit import AmbiguousCommitError, Category, Pool, PoolTimeout, Retry, classify
-from poolkit.testing import ChaosProxy
 
 pytestmark = pytest.mark.integration
 
 FAST = Retry(attempts=30, deadline=15, initial_backoff=0.01, max_backoff=0.2)
-
-
-@pytest.fixture
-def proxied(net_backend: Any) -> Any:
-    """(backend, proxy, connect through the proxy)."""
-    if net_backend.name == "postgresql":
-        import psycopg
-
-        parts = dict(p.split("=", 1) for p in PG_DSN.split())
-        proxy = ChaosProxy(parts["host"], int(parts["port"])).start()
-        dsn = f"host=127.0.0.1 port={proxy.port} dbname={parts['dbname']} user={parts['user']}"
-        connect = functools.partial(psycopg.connect, dsn, connect_timeout=2)
-    else:
-        import pymysql
-
-        proxy = ChaosProxy(MYSQL_ARGS["host"], MYSQL_ARGS["port"]).start()
-        args = dict(MYSQL_ARGS, host="127.0.0.1", port=proxy.port)
-        connect = functools.partial(pymysql.connect, **args, connect_timeout=2, read_timeout=2, write_timeout=2)
-    yield net_backend, proxy, connect
-    proxy.stop()
 
 
 def count(backend: Any, table: str) -> int:
