@@ -194,6 +194,7 @@ def _check_number(
     value: Any,
     *,
     minimum: float = 0,
+    maximum: float = float("inf"),
     integer: bool = False,
     allow_none: bool = False,
     exclusive: bool = False,
@@ -209,6 +210,15 @@ def _check_number(
     if number != number or (number <= minimum if exclusive else number < minimum):
         op = ">" if exclusive else ">="
         raise ValueError(f"{name} must be {op} {minimum}, got {value!r}")
+    if number > maximum:
+        raise ValueError(f"{name} must be at most {maximum:.4g} seconds (what the platform can wait), got {value!r}")
+
+
+def _bounded(seconds: float) -> float:
+    """A wait for a lock or thread: at least 0, and at most what the platform
+    can wait (``threading.TIMEOUT_MAX``, some 292 years), so that a timeout
+    of ``math.inf`` waits without limit instead of raising OverflowError."""
+    return min(max(0.0, seconds), threading.TIMEOUT_MAX)
 
 
 def _check_hook(name: str, value: Any, *, allow_bool: bool) -> None:
@@ -343,9 +353,9 @@ class Pool:
         _check_number("timeout", timeout)
         _check_number("max_waiting", max_waiting, integer=True)
         _check_number("ping_after", ping_after)
-        _check_number("ping_timeout", ping_timeout, exclusive=True)
+        _check_number("ping_timeout", ping_timeout, exclusive=True, maximum=threading.TIMEOUT_MAX)
         _check_number("leak_timeout", leak_timeout, exclusive=True, allow_none=True)
-        _check_number("maintenance_interval", maintenance_interval, exclusive=True)
+        _check_number("maintenance_interval", maintenance_interval, exclusive=True, maximum=threading.TIMEOUT_MAX)
         _check_number("handoff_after", handoff_after)
         _check_number("handoff_streak", handoff_streak, integer=True)
         _check_hook("ping", ping, allow_bool=True)
@@ -660,13 +670,13 @@ class Pool:
         every returned connection goes straight to the oldest waiter."""
         start = waiter.since
         early = start < waiter.young_until < deadline
-        served = waiter.lock.acquire(timeout=max(0.0, (waiter.young_until if early else deadline) - time.monotonic()))
+        served = waiter.lock.acquire(timeout=_bounded((waiter.young_until if early else deadline) - time.monotonic()))
         if not served and early:
             with self._lock:
                 waiter.young_until = 0.0  # old now, whatever the timer's rounding
                 if waiter.rec is None and not waiter.grant and waiter.error is None:
                     self._serve_idle_locked()  # connections left idle while we were young
-            waiter.lock.acquire(timeout=max(0.0, deadline - time.monotonic()))
+            waiter.lock.acquire(timeout=_bounded(deadline - time.monotonic()))
         with self._lock:
             self._wait_count += 1
             self._wait_time += time.monotonic() - start
@@ -1174,11 +1184,11 @@ class Pool:
         self._retire_all(idle, "closed")
         maintainer = self._maintainer
         if maintainer is not None and maintainer is not threading.current_thread() and maintainer.is_alive():
-            maintainer.join(timeout)
+            maintainer.join(_bounded(timeout))
         end = time.monotonic() + timeout
         with self._lock:
             while self._in_use_locked() and (left := end - time.monotonic()) > 0:
-                self._returned.wait(left)
+                self._returned.wait(_bounded(left))
             still_out = self._in_use_locked()
         if still_out:
             logger.warning(

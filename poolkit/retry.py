@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -67,8 +68,10 @@ class Retry:
             raise ValueError(f"attempts must be an int >= 1, got {self.attempts!r}")
         for name in ("deadline", "initial_backoff", "max_backoff"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:  # NaN too
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+            if name != "deadline" and value == math.inf:  # a deadline of inf is no deadline; a wait, a hang
+                raise ValueError(f"{name} must be finite, got {value!r}")
 
     @property
     def enabled(self) -> bool:

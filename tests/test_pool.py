@@ -7,6 +7,7 @@ import functools
 import gc
 import json
 import logging
+import math
 import os
 import select
 import sqlite3
@@ -50,6 +51,8 @@ from poolkit import Category, Classification, ConnectionReturned, Pool, PoolClos
         ({"retry": "always"}, TypeError, "retry must be"),
         ({"ledger_table": "x; DROP TABLE y"}, ValueError, "ledger table must be a plain SQL identifier"),
         ({"max_lifetime": float("nan")}, ValueError, "max_lifetime"),
+        ({"ping_timeout": float("inf")}, ValueError, "ping_timeout must be at most 9.223e+09 seconds"),
+        ({"maintenance_interval": 1e12}, ValueError, "maintenance_interval must be at most"),
     ],
 )
 def test_bad_configuration_is_refused_at_construction(
@@ -88,6 +91,17 @@ def test_a_bad_checkout_timeout_is_refused_whether_or_not_a_connection_is_free(
 def test_connect_must_be_callable() -> None:
     with pytest.raises(TypeError, match="connect must be a zero-argument callable"):
         Pool("dbname=test")  # type: ignore[arg-type]
+
+
+def test_every_option_is_in_the_readmes_table() -> None:
+    import inspect
+    import re
+
+    readme = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+    with open(readme, encoding="utf-8") as f:
+        rows = set(re.findall(r"^\| `(\w+)` \|", f.read(), re.MULTILINE))
+    options = set(inspect.signature(Pool).parameters) - {"connect"}
+    assert options - rows == set(), "options missing from the README's table"
 
 
 def test_option_none_means_no_limit(make_pool: Any) -> None:
@@ -299,6 +313,51 @@ def test_waiter_never_waits_past_its_timeout(make_pool: Any) -> None:
     s = pool.stats()
     assert s.timeouts == 2 and s.waiting == 0
     held.close()
+
+
+@pytest.mark.parametrize(
+    ("kw", "timeout"),
+    [
+        ({"timeout": math.inf, "handoff_after": 0}, None),
+        ({"handoff_after": 0}, math.inf),
+        ({"handoff_after": 0}, 1e12),
+        ({"timeout": math.inf, "handoff_after": 1e12}, None),  # the first wait: until young_until
+    ],
+)
+def test_a_wait_longer_than_the_platform_can_time_is_a_wait_without_limit(
+    make_pool: Any, kw: dict[str, Any], timeout: float | None
+) -> None:
+    # threading's locks refuse a timeout past threading.TIMEOUT_MAX (some 292
+    # years) with OverflowError; a waiter given math.inf waits until served.
+    # (handoff_after=0: the waiter's one wait is the long one; by default a
+    # first wait of 50 ms comes before it)
+    pool = make_pool(max_size=1, **kw)
+    held = pool.acquire()
+    raw = held.driver_connection
+
+    def give_back() -> None:
+        deadline = time.monotonic() + 5
+        while pool.stats().waiting != 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        held.close()
+
+    t = threading.Thread(target=give_back)
+    t.start()
+    with pool.acquire(timeout) as conn:
+        assert conn.driver_connection is raw
+    t.join()
+
+
+def test_close_with_a_timeout_without_limit_waits_for_the_connections_out(make_pool: Any) -> None:
+    pool = make_pool(max_size=1)
+    held = pool.acquire()
+    later = threading.Timer(0.2, held.close)
+    later.start()
+    t0 = time.monotonic()
+    pool.close(timeout=math.inf)
+    assert time.monotonic() - t0 >= 0.15  # it waited for the return
+    later.join()
+    assert pool.stats().open == 0
 
 
 def test_waiter_that_timed_out_never_receives_a_connection(make_pool: Any) -> None:

@@ -315,6 +315,13 @@ def test_retry_policy_validation() -> None:
         Retry(attempts=0)
     with pytest.raises(ValueError, match="deadline"):
         Retry(deadline=-1)
+    for name in ("deadline", "initial_backoff", "max_backoff"):
+        with pytest.raises(ValueError, match=f"{name} must be a number >= 0, got nan"):
+            Retry(**{name: float("nan")})
+    for name in ("initial_backoff", "max_backoff"):
+        with pytest.raises(ValueError, match=f"{name} must be finite"):
+            Retry(**{name: float("inf")})
+    assert Retry(deadline=float("inf")).deadline == float("inf")  # no deadline: attempts bound it
     assert not Retry.off().enabled and Retry.default().enabled
 
 
