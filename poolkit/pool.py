@@ -549,24 +549,55 @@ class Pool:
                     proxy._pool = rec.pool = self
                     proxy._rec = rec
                     return proxy
-                suspect: bool | None = True
-            else:
-                suspect = None  # not probed yet
-            reason = self._check_out(rec, suspect)
-            if reason is None:
-                return _lease(self, rec)
-            self._discard(rec, reason)
+                return self._acquire_checked(rec, True, timeout)
+            return self._acquire_checked(rec, None, timeout)  # not probed yet
         return self._acquire_loop(time.monotonic() + (self._timeout if timeout is None else timeout))
 
-    def _acquire_loop(self, deadline: float) -> PooledConnection:
+    def _acquire_checked(self, rec: _Conn, suspect: bool | None, timeout: float | None) -> PooledConnection:
+        """The hot path took ``rec``, due for a look (``suspect``: what its
+        probe said, None if not probed yet): check it, or take another. (Out
+        of acquire(), whose frame each local makes dearer on the hot path.)"""
+        start = time.monotonic()  # the checks may take a while (a ping)
+        reason = self._check_out(rec, suspect)
+        if reason is None:
+            return _lease(self, rec)
+        self._discard(rec, reason)
+        return self._acquire_loop(start + (self._timeout if timeout is None else timeout), reason)
+
+    def _acquire_loop(self, deadline: float, reason: str | None = None) -> PooledConnection:
+        """Checkout past the hot path, until ``deadline``. A connection the
+        pool opens for this caller is handed out as it is: it has just
+        talked to the server, so a ping (with ``ping_after=0``) would only
+        repeat that, and a ping that fails every time would discard and
+        reopen connections for ever. A pooled one is checked, and one that
+        fails its checks is discarded; then the caller tries again. Once the
+        checks have taken it past its deadline (a slow ping, say), it checks
+        no more: it opens a new connection in a free slot (the one just
+        discarded left one, unless a waiter took it), or gives up.
+        ``reason``: why the hot path discarded one."""
+        discarded = 0 if reason is None else 1
         while True:
-            rec = self._acquire_slow(deadline)
-            if rec is None:
-                continue  # a fresh connection was discarded already; try again
-            reason = self._check_out(rec)
-            if reason is None:
-                return _lease(self, rec)
-            self._discard(rec, reason)
+            late = bool(discarded) and time.monotonic() >= deadline
+            rec, fresh = self._acquire_slow(deadline, fresh_only=late)
+            if rec is None and not fresh:  # late, and no free slot
+                with self._lock:
+                    self._timeouts += 1
+                raise PoolTimeout(
+                    f"pool {self.name!r}: no usable connection before the timeout "
+                    f"({discarded} discarded at checkout, the last as {reason!r})"
+                )
+            if rec is not None:
+                if fresh:
+                    if self._out is not None:
+                        self._track_lease(rec, self._clock())
+                    return _lease(self, rec)
+                reason = self._check_out(rec)
+                if reason is None:
+                    return _lease(self, rec)
+                self._discard(rec, reason)
+                discarded += 1
+            # else: opened across an invalidate(), and closed already; the
+            # next round opens another or waits, with the deadline
 
     def _in_use_locked(self) -> int:
         """Connections checked out: open, and neither being opened, idle, nor
@@ -580,8 +611,11 @@ class Pool:
         limit = now + self._recheck_after
         rec.check_at = limit if limit < rec.expires_at else rec.expires_at
 
-    def _acquire_slow(self, deadline: float) -> _Conn | None:
-        """No idle connection was free: open one, or wait in line."""
+    def _acquire_slow(self, deadline: float, fresh_only: bool = False) -> tuple[_Conn | None, bool]:
+        """No idle connection was free: open one, or wait in line. Returns a
+        connection (None if the one opened was discarded already) and whether
+        it was opened for this call (and so needs no checks). ``fresh_only``:
+        only open one, in a free slot, or return (None, False)."""
         if self._orphans:
             self._reclaim_orphans()
         if self._maintainer is None:
@@ -591,13 +625,15 @@ class Pool:
             with self._lock:
                 if self._closed:
                     raise PoolClosed(f"pool {self.name!r} is closed")
-                if self._idle and (not self._waiters or self._may_barge_locked()):
+                if not fresh_only and self._idle and (not self._waiters or self._may_barge_locked()):
                     rec = self._idle.pop()
                     self._acquired += 1
-                    return rec
+                    return rec, False
                 if self._open < self._max_size:
                     self._open += 1
                     self._opening += 1
+                elif fresh_only:
+                    return None, False
                 else:
                     if self._max_waiting and len(self._waiters) >= self._max_waiting:
                         raise TooManyWaiters(
@@ -610,13 +646,13 @@ class Pool:
             if waiter is not None:
                 waiter_rec = self._wait(waiter, deadline)
                 if waiter_rec is not None:
-                    return waiter_rec
+                    return waiter_rec, False
                 # granted a slot: open a connection in it
         except BaseException:
             if waiter is not None:
                 self._abandon(waiter)
             raise
-        return self._open_in_slot(deadline)
+        return self._open_in_slot(deadline), True
 
     def _abandon(self, waiter: _Waiter) -> None:
         """``waiter``'s caller left by an exception: a timeout or the pool's

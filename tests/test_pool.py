@@ -544,6 +544,81 @@ def test_ping_runs_only_after_ping_after_seconds_idle(make_pool: Any, clock: Any
     assert pool.stats().pings == 1
 
 
+def test_a_connection_opened_for_the_caller_is_handed_out_unpinged(make_pool: Any) -> None:
+    # ping_after=0 pings every reuse. A connection opened for this checkout
+    # has just talked to the server: it is not pinged, and so a ping that
+    # always fails cannot make the pool discard and reopen for ever.
+    pinged: list[Any] = []
+
+    def ping(conn: Any) -> bool:
+        pinged.append(conn)
+        return False
+
+    pool = make_pool(max_size=1, ping_after=0, ping=ping, timeout=1)
+    with pool.connection() as conn:
+        first = conn.driver_connection
+    assert pinged == []
+    with pool.connection() as conn:  # a reuse: pinged, refused, replaced
+        assert conn.driver_connection is not first
+    assert pinged == [first]
+    assert pool.stats().closed_bad == 1
+
+
+@pytest.mark.timing
+def test_checks_past_the_timeout_give_way_to_a_new_connection(make_pool: Any) -> None:
+    # Two idle connections whose pings each take 0.3 s and fail: a caller
+    # with 0.2 s checks no more after the first, and gets a new connection
+    # in the slot it freed, not one after a second slow ping.
+    pool = make_pool(max_size=2, ping_after=0, ping=lambda conn: time.sleep(0.3) or False)
+    held = [pool.acquire(), pool.acquire()]
+    old = {c.driver_connection.id for c in held}
+    for conn in held:
+        conn.close()
+    t0 = time.monotonic()
+    with pool.acquire(timeout=0.2) as conn:
+        assert time.monotonic() - t0 < 0.5
+        assert conn.driver_connection.id not in old
+    st = pool.stats()
+    assert (st.closed_bad, st.idle, st.timeouts) == (1, 2, 0)
+
+
+def test_checks_past_the_timeout_give_up_when_a_waiter_took_the_slot(make_pool: Any) -> None:
+    # The slot the discarded connection frees goes to the caller waiting in
+    # line, not to the one whose checks overran: that one times out.
+    behind: list[Any] = []
+
+    def ping(conn: Any) -> bool:
+        t = threading.Thread(target=lambda: behind.append(pool.acquire(timeout=5)))
+        t.start()
+        while pool.stats().waiting != 1:
+            time.sleep(0.001)
+        time.sleep(0.15)  # past the caller's 0.1 s
+        behind.append(t)
+        return False
+
+    pool = make_pool(max_size=2, ping_after=0, ping=ping)
+    held = pool.acquire()
+    pool.acquire().close()  # one idle
+    with pytest.raises(PoolTimeout, match="1 discarded at checkout, the last as 'bad'"):
+        pool.acquire(timeout=0.1)
+    t = behind.pop(0)
+    t.join(5)
+    (served,) = behind
+    served.close()
+    held.close()
+    st = pool.stats()
+    assert (st.timeouts, st.closed_bad, st.open) == (1, 1, 2)
+
+
+def test_a_caller_that_will_not_wait_still_gets_a_new_connection_for_a_dead_one(make_pool: Any) -> None:
+    pool = make_pool(max_size=1)
+    with pool.connection() as conn:
+        dead = conn.driver_connection
+    dead.kill()
+    with pool.acquire(timeout=0) as conn:  # the dead one discarded, a new one opened
+        assert conn.driver_connection is not dead
+
+
 @pytest.mark.parametrize("mode", ["raises", "false"])
 def test_ping_hook_that_raises_or_says_no_discards(make_pool: Any, clock: Any, mode: str) -> None:
     def ping(raw: Any) -> bool:
