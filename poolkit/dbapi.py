@@ -36,7 +36,7 @@ from typing import Any
 
 from poolkit.drivers import driver_for_module
 from poolkit.errors import ConnectionReturned
-from poolkit.pool import Pool, PooledConnection, PooledCursor
+from poolkit.pool import SETTINGS, Pool, PooledConnection, PooledCursor
 
 __all__ = ["Connection", "Cursor", "PooledModule", "wrap"]
 
@@ -229,10 +229,13 @@ class Connection:
     def __getattr__(self, name: str) -> Any:
         if name in _EXCEPTIONS:
             return getattr(self._module.driver_module, name)
+        if name in SETTINGS:  # through the proxy: PyMySQL's conn.autocommit(True) is undone on close
+            return getattr(self._open(), name)
         return getattr(self._open().driver_connection, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self._open().driver_connection, name, value)
+        # any attribute: undone on close(), as a new driver connection would not have it
+        self._open()._set_setting(name, value)
 
     def __enter__(self) -> Connection:
         return self

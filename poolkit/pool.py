@@ -10,6 +10,7 @@ the lock held.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -90,6 +91,7 @@ class _Conn:
         "checked_out_at",
         "created_at",
         "epoch",
+        "era",
         "expires_at",
         "generation",
         "id",
@@ -100,6 +102,7 @@ class _Conn:
         "pool",
         "raw",
         "retired",
+        "saved",
         "stack",
         "streak",
         "ticket",
@@ -130,8 +133,13 @@ class _Conn:
         # the pool's _plain_ticket while this connection may take the plain
         # return path (see PooledConnection.close): the token of the
         # generation it was opened in (set by Pool._open_in_slot); None once
-        # it is bad, or if nobody set it
+        # it is bad, while a setting the caller changed waits to be restored,
+        # or if nobody set it
         self.ticket: object = None
+        self.era: object = None  # that token, kept: the ticket again once restored
+        # the connection settings a caller changed through the proxy, with
+        # their values before (see PooledConnection._set_setting)
+        self.saved: dict[str, Any] | None = None
         self.created_at = now
         self.expires_at = expires_at
         self.last_used = now
@@ -165,6 +173,8 @@ class _Conn:
             twin.used = self.used
             twin.bad = self.bad
             twin.ticket = self.ticket
+            twin.era = self.era
+            twin.saved = self.saved
             twin.last_used = self.last_used
             self.orphans.append(twin)
         except Exception:  # interpreter shutdown
@@ -469,7 +479,8 @@ class Pool:
         for the plain return path, all its conditions in one identity test.
         It is the current generation's token (so a connection opened in an
         older one, or inherited across a fork, which starts a generation too,
-        does not match; nor does a bad one, whose ticket is None), or
+        does not match; nor does a bad one, or one with a setting to put
+        back, whose ticket is None), or
         _NO_TICKET, which matches nobody."""
         simple = (
             self._is_valid is None
@@ -755,7 +766,7 @@ class Pool:
                 now = self._clock()
                 lifetime = self._max_lifetime * (1.0 - self._lifetime_jitter * self._random.random())
                 rec = _Conn(raw, next(self._ids), generation, epoch, now, now + lifetime, self._orphans)
-                rec.ticket = era
+                rec.ticket = rec.era = era
                 self._touch(rec, now)
                 if self._liveness:
                     rec.poller = liveness_probe(self._driver, raw)  # type: ignore[arg-type]
@@ -960,6 +971,8 @@ class Pool:
                 except Exception as exc:
                     logger.warning("pool %r: rollback on return failed on connection %d: %r", self.name, rec.id, exc)
                     reason = "bad"
+                if reason is None and rec.saved is not None:
+                    reason = self._restore_settings(rec)
                 if reason is None and self._is_valid is not None:
                     try:
                         if not self._is_valid(raw):
@@ -976,6 +989,21 @@ class Pool:
             self._put_back(rec, "bad")
             raise
         self._put_back(rec, reason)
+
+    def _restore_settings(self, rec: _Conn) -> str | None:
+        """Put back the settings the caller changed through the proxy, after
+        the rollback (psycopg changes autocommit only outside a transaction);
+        the reason to close the connection if that fails, or None."""
+        saved, rec.saved = rec.saved, None
+        assert saved is not None
+        try:
+            for name, value in saved.items():
+                self._driver.set_setting(rec.raw, name, value)  # type: ignore[union-attr]
+        except Exception as exc:
+            logger.warning("pool %r: restoring %s on return failed on connection %d: %r", self.name, name, rec.id, exc)
+            return "bad"
+        rec.ticket = rec.era  # the plain return path again
+        return None
 
     def _put_back(self, rec: _Conn, reason: str | None) -> None:
         """:meth:`_put_back_locked`, then close ``rec`` if it said why."""
@@ -1428,6 +1456,28 @@ def _is_connect_failure(exc: BaseException) -> bool:
     return bool(names & {"OperationalError", "InterfaceError", "DatabaseError"})
 
 
+class _Setting:
+    """A setting of the driver's connection, read and changed through the
+    proxy; what a caller changes is undone when it returns the connection
+    (see :meth:`PooledConnection._set_setting`). A class attribute, so the
+    hot path's own attribute stores stay as fast as before."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, proxy: PooledConnection | None, owner: type | None = None) -> Any:
+        if proxy is None:
+            return self
+        raw = proxy._raw()
+        if self.name in proxy._pool._driver.setting_methods:  # type: ignore[union-attr]
+            # a method that changes it (PyMySQL's conn.autocommit(True))
+            return functools.partial(proxy._set_setting, self.name)
+        return getattr(raw, self.name)
+
+    def __set__(self, proxy: PooledConnection, value: Any) -> None:
+        proxy._set_setting(self.name, value)
+
+
 class PooledConnection:
     """What ``pool.acquire()`` hands out: the DB-API connection's methods,
     with the driver's errors watched and acted on. ``close()`` returns it."""
@@ -1439,6 +1489,20 @@ class PooledConnection:
     # the bases), and this runs on every checkout.
     _pool: Pool
     _rec: _Conn | None
+
+    # Settings of the driver's connection a caller may change through the
+    # proxy (psycopg, sqlite3, PyMySQL): undone when it returns the
+    # connection. Any other attribute is read through; set it on
+    # ``driver_connection``, and it is not undone.
+    autocommit = _Setting()
+    isolation_level = _Setting()
+    read_only = _Setting()
+    deferrable = _Setting()
+    row_factory = _Setting()
+    text_factory = _Setting()
+    prepare_threshold = _Setting()
+    cursor_factory = _Setting()
+    server_cursor_factory = _Setting()
 
     def _raw(self) -> Any:
         rec = self._rec
@@ -1510,7 +1574,8 @@ class PooledConnection:
         if rec.ticket is pool._plain_ticket:
             # The plain case, its conditions in one compare (see
             # Pool._update_return_path_locked): the current generation, so not
-            # inherited across a fork; not bad; no is_valid hook to run.
+            # inherited across a fork; not bad; no setting to put back; no
+            # is_valid hook to run.
             try:
                 # the driver's method, looked up on the driver: a call both 3.11
                 # and 3.13 specialise (a bound method kept in a slot, 3.11 not)
@@ -1538,6 +1603,30 @@ class PooledConnection:
             pool._put_back(rec, None)  # someone waits, or the pool changed meanwhile
             return
         pool._checkin(rec, None)
+
+    def _set_setting(self, name: str, value: Any) -> None:
+        """Change a setting of the driver's connection (``conn.autocommit =
+        True``, ``conn.row_factory = sqlite3.Row``...) for this checkout: the
+        value it had before is saved, and put back when the connection is
+        returned, so the next caller gets the connection as it was opened."""
+        rec = self._rec
+        if rec is None:
+            raise ConnectionReturned(_RETURNED)
+        pool: Pool = rec.pool  # type: ignore[assignment]
+        driver = pool._driver
+        assert driver is not None
+        saved = rec.saved
+        first = saved is None or name not in saved
+        try:
+            before = driver.get_setting(rec.raw, name) if first else None
+            driver.set_setting(rec.raw, name, value)
+        except Exception as exc:
+            self._raise_observed(exc)
+        if first:
+            if saved is None:
+                rec.saved = saved = {}
+            saved[name] = before
+            rec.ticket = None  # off the plain return path: close() restores it
 
     def _notice(self, exc: BaseException, *, during_commit: bool = False) -> None:
         """Act on an error raised by the caller's code while it held this
@@ -1573,6 +1662,7 @@ class PooledConnection:
 
 
 _PROXY_SLOTS = frozenset(("_pool", "_rec"))
+SETTINGS = frozenset(name for name, value in vars(PooledConnection).items() if isinstance(value, _Setting))
 
 
 def _lease(pool: Pool, rec: _Conn) -> PooledConnection:

@@ -241,6 +241,41 @@ def check_context_managers(t: Target, m: Any) -> Any:
     return after[0], committed, has_cursor_ctx
 
 
+def check_settings_do_not_outlive_the_connection(t: Target, m: Any) -> Any:
+    # A new driver connection starts with the driver's defaults: a pooled one
+    # must too, whatever the last user set (an uncommitted write must not be
+    # committed by a previous user's autocommit).
+    table = _table(t, m)
+    c = t.connect(m)
+    if t.name == "sqlite3":
+        c.isolation_level = None
+        c.row_factory = t.module.Row
+    elif t.name == "pymysql":
+        c.autocommit(True)
+    else:
+        c.autocommit = True
+        c.read_only = True
+    c.cursor().execute(f"SELECT count(*) FROM {table}")
+    if t.name != "psycopg":  # read-only there
+        c.cursor().execute(f"INSERT INTO {table} (id, v) VALUES (1, 'autocommitted')")
+    c.close()
+    d = t.connect(m)
+    if t.name == "sqlite3":
+        settings = (d.isolation_level, d.row_factory)
+    elif t.name == "pymysql":
+        settings = (d.get_autocommit(),)
+    else:
+        settings = (d.autocommit, d.read_only)
+    d.cursor().execute(f"INSERT INTO {table} (id, v) VALUES (2, 'uncommitted')")
+    d.close()
+    e = t.connect(m)
+    cur = e.cursor()
+    cur.execute(f"SELECT id FROM {table} ORDER BY id")
+    rows = [tuple(r) for r in cur.fetchall()]
+    e.close()
+    return settings, rows
+
+
 CHECKS = [v for k, v in sorted(globals().items()) if k.startswith("check_")]
 
 

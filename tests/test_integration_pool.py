@@ -92,6 +92,55 @@ def test_open_transaction_is_rolled_back_before_the_next_borrower(backend: Any, 
         assert backend.execute(f"SELECT count(*) FROM {table}")[0][0] == 0
 
 
+def _autocommit(backend: Any, conn: Any, on: bool | None = None) -> Any:
+    """Turn autocommit on through the pool's proxy, each driver its own way;
+    with ``on`` None, say whether it is on."""
+    if backend.name == "sqlite":
+        if on is None:
+            return conn.isolation_level is None
+        conn.isolation_level = None
+    elif backend.name == "mariadb":
+        if on is None:
+            return conn.get_autocommit()
+        conn.autocommit(True)
+    else:
+        if on is None:
+            return conn.autocommit
+        conn.autocommit = True
+    return None
+
+
+def test_autocommit_one_borrower_turns_on_is_off_for_the_next(backend: Any, table: str) -> None:
+    # Left on, the next borrower's uncommitted write, which a return rolls
+    # back, would be committed instead.
+    with Pool(backend.connect, max_size=1) as pool:
+        with pool.connection() as conn:
+            _autocommit(backend, conn, on=True)
+            conn.cursor().execute(f"INSERT INTO {table} (id, v) VALUES (1, 'autocommitted')")
+            first = conn.driver_connection
+        with pool.connection() as conn:
+            assert conn.driver_connection is first
+            assert not _autocommit(backend, conn)
+            conn.cursor().execute(f"INSERT INTO {table} (id, v) VALUES (2, 'uncommitted')")
+        assert backend.execute(f"SELECT id FROM {table}") == [(1,)]
+
+
+def test_a_read_only_session_is_not_left_to_the_next_borrower(pg: Any, table: str) -> None:
+    # Left read-only, the next borrower's write would fail with 25006, which
+    # reads as a failover (NOT_LEADER): the pool would invalidate itself.
+    with Pool(pg.connect, max_size=1) as pool:
+        with pool.connection() as conn:
+            conn.read_only = True
+            cur = conn.cursor()
+            cur.execute("SHOW transaction_read_only")
+            assert cur.fetchone()[0] == "on"
+        with pool.connection() as conn:
+            conn.cursor().execute(f"INSERT INTO {table} (id, v) VALUES (1, 'written')")
+            conn.commit()
+        assert pool.stats().generation == 0
+    assert pg.execute(f"SELECT count(*) FROM {table}")[0][0] == 1
+
+
 @pytest.mark.parametrize("reset", [True, False])
 def test_session_state_is_gone_for_the_next_borrower_with_reset_session(net_backend: Any, reset: bool) -> None:
     if net_backend.name == "postgresql":

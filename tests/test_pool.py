@@ -1364,6 +1364,43 @@ def test_in_use_follows_every_way_a_connection_comes_and_goes(
 # --------------------------------------------------------- the return path
 
 
+def test_a_setting_changed_through_the_proxy_is_undone_on_return(make_pool: Any) -> None:
+    pool = make_pool(max_size=1)
+    with pool.connection() as conn:
+        raw = conn.driver_connection
+        conn.autocommit = True
+        conn.autocommit = False
+        conn.autocommit = True  # the value saved is the one before the first change
+        assert raw.autocommit is True and conn.autocommit is True
+    assert raw.autocommit is False
+    (rec,) = pool._idle
+    assert rec.saved is None and rec.ticket is pool._plain_ticket  # the plain return path again
+    with pytest.raises(ConnectionReturned):
+        conn.autocommit = True
+    with pool.connection() as again:
+        assert again.driver_connection is raw and again.autocommit is False
+
+
+def test_a_setting_that_cannot_be_restored_closes_the_connection(make_pool: Any, monkeypatch: Any) -> None:
+    pool = make_pool(max_size=1)
+    with pool.connection() as conn:
+        raw = conn.driver_connection
+        driver = pool._driver
+        real = driver.set_setting
+        calls: list[Any] = []
+
+        def set_setting(conn: Any, name: str, value: Any) -> None:
+            calls.append(value)
+            if len(calls) > 1:  # the restore
+                raise fakedb.OperationalError("server closed the connection unexpectedly", code=2013)
+            real(conn, name, value)
+
+        monkeypatch.setattr(driver, "set_setting", set_setting)
+        conn.autocommit = True
+    assert calls == [True, False]
+    assert raw.closed and pool.stats().closed_bad == 1
+
+
 def test_a_connection_an_error_showed_bad_is_closed_on_return_though_it_reads_idle(
     make_pool: Any, server: fakedb.Server
 ) -> None:
@@ -1423,7 +1460,9 @@ def test_a_return_in_flight_when_the_pool_is_invalidated_or_closed_is_not_kept(
             assert again.driver_connection is not raw
 
 
-@pytest.mark.parametrize("case", ["plain", "in a transaction", "is_valid", "bad", "invalidated", "max_idle", "leaks"])
+@pytest.mark.parametrize(
+    "case", ["plain", "in a transaction", "is_valid", "bad", "invalidated", "max_idle", "leaks", "a setting changed"]
+)
 def test_only_a_plain_return_takes_the_plain_path(
     make_pool: Any, server: fakedb.Server, monkeypatch: Any, case: str
 ) -> None:
@@ -1447,6 +1486,8 @@ def test_only_a_plain_return_takes_the_plain_path(
             conn.cursor().execute("BOOM")
     elif case == "invalidated":
         pool.invalidate()
+    elif case == "a setting changed":
+        conn.autocommit = True
     slow: list[Any] = []
     checkin = Pool._checkin
     monkeypatch.setattr(Pool, "_checkin", lambda self, rec, state: (slow.append(rec), checkin(self, rec, state)))

@@ -139,6 +139,20 @@ class Driver:
         """Roll back the connection's open transaction (on return to the pool)."""
         conn.rollback()
 
+    #: settings the driver's connection changes through a method of that
+    #: name (PyMySQL's ``conn.autocommit(True)``), not by assignment
+    setting_methods: frozenset[str] = frozenset()
+
+    def get_setting(self, conn: Any, name: str) -> Any:
+        """The value of the connection setting ``name`` (``autocommit``,
+        ``isolation_level``, ``row_factory``...): the pool saves it before a
+        caller changes it, and puts it back when the connection returns."""
+        return getattr(conn, name)
+
+    def set_setting(self, conn: Any, name: str, value: Any) -> None:
+        """Change the connection setting ``name`` (see :meth:`get_setting`)."""
+        setattr(conn, name, value)
+
     def ping(self, conn: Any, timeout: float) -> None:
         """Raise if the connection is not usable. A generic driver gives no
         way to bound the wait, so ``timeout`` is advisory here."""
@@ -266,6 +280,14 @@ class DelegatingDriver(Driver):
     def rollback(self, conn: Any) -> None:
         raw, d = self._inner(conn)
         d.rollback(raw)
+
+    def get_setting(self, conn: Any, name: str) -> Any:
+        raw, d = self._inner(conn)
+        return d.get_setting(raw, name)
+
+    def set_setting(self, conn: Any, name: str, value: Any) -> None:
+        raw, d = self._inner(conn)
+        d.set_setting(raw, name, value)
 
     def ping(self, conn: Any, timeout: float) -> None:
         raw, d = self._inner(conn)

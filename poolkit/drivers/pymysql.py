@@ -54,6 +54,19 @@ class PyMySQLDriver(Driver):
             return BROKEN  # an unbuffered result was not read to the end
         return IN_TRANSACTION if conn.server_status & SERVER_STATUS_IN_TRANS else IDLE
 
+    setting_methods = frozenset({"autocommit"})
+
+    def get_setting(self, conn: Any, name: str) -> Any:
+        if name == "autocommit":
+            return conn.get_autocommit()
+        return getattr(conn, name)
+
+    def set_setting(self, conn: Any, name: str, value: Any) -> None:
+        if name == "autocommit":
+            conn.autocommit(value)
+        else:
+            setattr(conn, name, value)
+
     def ping(self, conn: Any, timeout: float) -> None:
         saved = conn._read_timeout, conn._write_timeout
         conn._read_timeout = conn._write_timeout = timeout
