@@ -58,6 +58,10 @@ _QUICK = 0.001
 # about this much work, at that average: short turns keep the waiters' shares
 # even within a fraction of a second, whatever a unit of work costs.
 _TURN = 0.016
+# While connects keep failing, the maintenance round tries to keep min_size
+# again after a wait that doubles up to this (with jitter): a server that is
+# down gets one attempt now and then from each pool, not min_size a second.
+_FILL_BACKOFF_MAX = 30.0
 _pool_ids = itertools.count(1)
 _NUMBER = (int, float)  # the types a timeout may have: checked by type, bool refused
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep  # left out of leak stacks
@@ -269,6 +273,8 @@ class Pool:
         "_driver_checked",
         "_epoch",
         "_era",
+        "_fill_after",
+        "_fill_failures",
         "_generation",
         "_handoff_after",
         "_handoff_streak",
@@ -442,6 +448,8 @@ class Pool:
         self._generation = 0
         self._era = object()  # a new token with each generation: see _plain_ticket
         self._epoch = 0  # bumped in a forked child
+        self._fill_failures = 0  # maintenance rounds in a row that could not keep min_size
+        self._fill_after = -_INF  # no such round before then (the pool's clock)
         self._closed = False
         self._plain_ticket: object = None  # see _update_return_path_locked
         self._last_connect_error: BaseException | None = None
@@ -748,20 +756,21 @@ class Pool:
             f"({self._max_size} in use, {waiting} others waiting)"
         ) from cause
 
-    def _open_in_slot(self, deadline: float) -> _Conn | None:
+    def _open_in_slot(self, deadline: float, quiet: bool = False) -> _Conn | None:
         """Open a connection in a slot reserved for this caller, retrying with
         backoff while the server does not answer, until ``deadline``.
 
         Whatever stops it (a connect error, the deadline, or an exception
         that is not an error at all: KeyboardInterrupt, a gevent Timeout
         raised inside a hung connect) gives the slot back before it goes
-        on: a slot lost here would be lost to the pool for good."""
+        on: a slot lost here would be lost to the pool for good. ``quiet``:
+        log connect failures at DEBUG, not WARNING."""
         generation = self._generation  # read before connecting: see invalidate()
         era = self._era
         epoch = self._epoch
         rec = None
         try:
-            raw = self._connect_until(deadline)
+            raw = self._connect_until(deadline, quiet)
             try:
                 now = self._clock()
                 lifetime = self._max_lifetime * (1.0 - self._lifetime_jitter * self._random.random())
@@ -785,6 +794,8 @@ class Pool:
             self._opening -= 1
             self._created += 1
             self._last_connect_error = None
+            self._fill_failures = 0  # the server answers: keep min_size again at once
+            self._fill_after = -_INF
             stale = generation != self._generation or self._closed or epoch != self._epoch
             if not stale:
                 self._acquired += 1
@@ -795,7 +806,7 @@ class Pool:
             raise PoolClosed(f"pool {self.name!r} is closed")
         return None
 
-    def _connect_until(self, deadline: float) -> Any:
+    def _connect_until(self, deadline: float, quiet: bool = False) -> Any:
         """A new, configured driver connection, retried with backoff while
         the server does not answer; ``PoolTimeout`` at ``deadline``. The
         caller owns the slot (see :meth:`_open_in_slot`)."""
@@ -822,7 +833,13 @@ class Pool:
                 with self._lock:
                     self._connect_errors += 1
                     self._last_connect_error = exc
-                logger.warning("pool %r: connect failed (attempt %d): %r", self.name, attempt, exc)
+                logger.log(
+                    logging.DEBUG if quiet else logging.WARNING,
+                    "pool %r: connect failed (attempt %d): %r",
+                    self.name,
+                    attempt,
+                    exc,
+                )
                 if not retry:
                     raise
                 if time.monotonic() + delay >= deadline:
@@ -1302,26 +1319,47 @@ class Pool:
             self._log_discard(rec, reason)
             self._retire(rec, reason)
         with self._lock:  # top up to min_size once the expired ones are gone
-            missing = 0 if self._closed else max(0, self._min_size - self._open)
+            missing = 0 if self._closed or now < self._fill_after else max(0, self._min_size - self._open)
             self._open += missing
             self._opening += missing
         self._reclaim_orphans()
         for rec in leak_check:
             self._check_leak(rec, now)
-        for _ in range(missing):
-            self._fill_one()
+        for i in range(missing):
+            if not self._fill_one():
+                with self._lock:  # the server does not answer: give back the other slots
+                    for _ in range(missing - i - 1):
+                        self._release_slot_locked()
+                break
 
-    def _fill_one(self) -> None:
-        """Open one connection in a slot the maintenance round reserved."""
+    def _fill_one(self) -> bool:
+        """Open one connection in a slot the maintenance round reserved;
+        False if that failed. Failures in a row back off (see
+        ``_FILL_BACKOFF_MAX``), and only the first of them warns: the
+        connect errors of callers who need a connection still do, each."""
+        quiet = self._fill_failures > 0
         try:
-            rec = self._open_in_slot(time.monotonic())  # one attempt, no waiting
+            rec = self._open_in_slot(time.monotonic(), quiet=quiet)  # one attempt, no waiting
         except Exception as exc:
-            logger.warning("pool %r: could not open a connection to keep min_size: %r", self.name, exc)
-            return
+            with self._lock:
+                self._fill_failures += 1
+                wait = min(_FILL_BACKOFF_MAX, self._maintenance_interval * 2**self._fill_failures)
+                wait *= 0.5 + self._random.random() / 2
+                self._fill_after = self._clock() + wait
+            logger.log(
+                logging.DEBUG if quiet else logging.WARNING,
+                "pool %r: could not open a connection to keep min_size: %r; trying again in %.1fs%s",
+                self.name,
+                exc,
+                wait,
+                " (and after longer waits, logged at DEBUG, until a connect succeeds)" if not quiet else "",
+            )
+            return False
         if rec is not None:
             with self._lock:
                 self._acquired -= 1  # nobody checked it out
             self._release(rec)
+        return True
 
     def _check_leak(self, rec: _Conn, now: float) -> None:
         assert self._leak_timeout is not None

@@ -741,6 +741,51 @@ def test_maintenance_closes_expired_idle_and_keeps_min_size(make_pool: Any, cloc
     assert first.isdisjoint(c.id for c in server.open_connections)
 
 
+def test_keeping_min_size_backs_off_while_the_server_is_down(
+    make_pool: Any, clock: Any, server: fakedb.Server, caplog: Any
+) -> None:
+    # Each round used to try min_size connects, and warn twice for each:
+    # against a server that is down, every second, from every pool.
+    attempts: list[int] = []
+    server.connect_hook = lambda: attempts.append(1)
+    pool = make_pool(max_size=5, min_size=3, maintenance_interval=1.0)
+    server.down = True
+    caplog.set_level(logging.DEBUG, logger="poolkit.pool")
+    warned = lambda: [r for r in caplog.records if r.levelno >= logging.WARNING]  # noqa: E731
+    pool._maintain()
+    assert len(attempts) == 1  # one attempt, not three
+    assert len(warned()) == 2 and "trying again in" in warned()[1].getMessage()
+    st = pool.stats()
+    assert (st.open, st.opening) == (0, 0)  # the other two slots were given back
+    pool._maintain()
+    assert len(attempts) == 1  # backing off: 1-2 s after the first failure
+    clock.advance(2)
+    pool._maintain()
+    assert len(attempts) == 2 and len(warned()) == 2  # the second failure is logged at DEBUG
+    clock.advance(2)
+    pool._maintain()
+    assert len(attempts) == 2  # 2-4 s after the second
+    server.down = False
+    clock.advance(2)
+    pool._maintain()
+    assert len(attempts) == 5 and pool.stats().idle == 3  # back: all three at once
+    clock.advance(1000)
+    server.down = True
+    pool._maintain()  # the three are idle too long: closed, and reopening fails
+    assert len(warned()) == 4  # a new run of failures warns again
+
+
+def test_a_callers_connect_ends_the_min_size_backoff(make_pool: Any, server: fakedb.Server) -> None:
+    pool = make_pool(max_size=5, min_size=2, maintenance_interval=1.0)
+    server.down = True
+    pool._maintain()
+    server.down = False
+    with pool.connection():  # the server answers a caller
+        pass
+    pool._maintain()  # and the round keeps min_size at once, backoff or not
+    assert pool.stats().idle == 2
+
+
 def test_maintenance_thread_runs_by_itself(server: fakedb.Server) -> None:
     pool = Pool(server.connect, min_size=2, maintenance_interval=0.02)
     try:
