@@ -1507,7 +1507,7 @@ class _Setting:
         if proxy is None:
             return self
         raw = proxy._raw()
-        if self.name in proxy._pool._driver.setting_methods:  # type: ignore[union-attr]
+        if proxy._pool._driver.setting_is_method(raw, self.name):  # type: ignore[union-attr]
             # a method that changes it (PyMySQL's conn.autocommit(True))
             return functools.partial(proxy._set_setting, self.name)
         return getattr(raw, self.name)

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from poolkit import Pool
+from poolkit.testing import Faulty
 
 pytestmark = pytest.mark.integration
 
@@ -110,10 +111,13 @@ def _autocommit(backend: Any, conn: Any, on: bool | None = None) -> Any:
     return None
 
 
-def test_autocommit_one_borrower_turns_on_is_off_for_the_next(backend: Any, table: str) -> None:
+@pytest.mark.parametrize("wrapped", [False, True], ids=["driver", "wrapped"])
+def test_autocommit_one_borrower_turns_on_is_off_for_the_next(backend: Any, table: str, wrapped: bool) -> None:
     # Left on, the next borrower's uncommitted write, which a return rolls
-    # back, would be committed instead.
-    with Pool(backend.connect, max_size=1) as pool:
+    # back, would be committed instead. (Wrapped: in poolkit.testing.Faulty,
+    # whose connections the pool sees through to the driver's.)
+    connect = Faulty(backend.connect).connect if wrapped else backend.connect
+    with Pool(connect, max_size=1) as pool:
         with pool.connection() as conn:
             _autocommit(backend, conn, on=True)
             conn.cursor().execute(f"INSERT INTO {table} (id, v) VALUES (1, 'autocommitted')")

@@ -143,6 +143,11 @@ class Driver:
     #: name (PyMySQL's ``conn.autocommit(True)``), not by assignment
     setting_methods: frozenset[str] = frozenset()
 
+    def setting_is_method(self, conn: Any, name: str) -> bool:
+        """Whether ``conn`` changes the setting ``name`` by a method call
+        (see ``setting_methods``)."""
+        return name in self.setting_methods
+
     def get_setting(self, conn: Any, name: str) -> Any:
         """The value of the connection setting ``name`` (``autocommit``,
         ``isolation_level``, ``row_factory``...): the pool saves it before a
@@ -280,6 +285,10 @@ class DelegatingDriver(Driver):
     def rollback(self, conn: Any) -> None:
         raw, d = self._inner(conn)
         d.rollback(raw)
+
+    def setting_is_method(self, conn: Any, name: str) -> bool:
+        raw, d = self._inner(conn)
+        return d.setting_is_method(raw, name)
 
     def get_setting(self, conn: Any, name: str) -> Any:
         raw, d = self._inner(conn)
