@@ -73,6 +73,7 @@ _CURSOR_RETURNED = "this cursor's connection was returned to its pool"
 # driver connection can send a "goodbye" on the parent's socket.
 _INHERITED: list[Any] = []
 _NO_TICKET = object()  # nobody's ticket: see Pool._update_return_path_locked
+_unset = object()  # a setting the connection did not have before the caller set it
 _ALL_POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()
 
 
@@ -1015,7 +1016,10 @@ class Pool:
         assert saved is not None
         try:
             for name, value in saved.items():
-                self._driver.set_setting(rec.raw, name, value)  # type: ignore[union-attr]
+                if value is _unset:
+                    delattr(rec.raw, name)
+                else:
+                    self._driver.set_setting(rec.raw, name, value)  # type: ignore[union-attr]
         except Exception as exc:
             logger.warning("pool %r: restoring %s on return failed on connection %d: %r", self.name, name, rec.id, exc)
             return "bad"
@@ -1656,7 +1660,10 @@ class PooledConnection:
         saved = rec.saved
         first = saved is None or name not in saved
         try:
-            before = driver.get_setting(rec.raw, name) if first else None
+            before = _unset
+            if first:
+                with contextlib.suppress(AttributeError):  # an attribute of the caller's own: removed on return
+                    before = driver.get_setting(rec.raw, name)
             driver.set_setting(rec.raw, name, value)
         except Exception as exc:
             self._raise_observed(exc)

@@ -276,6 +276,18 @@ def check_settings_do_not_outlive_the_connection(t: Target, m: Any) -> Any:
     return settings, rows
 
 
+def check_attributes_of_ones_own(t: Target, m: Any) -> Any:
+    # refused by a driver whose connections take none (sqlite3), else kept
+    # for that connection only
+    c = t.connect(m)
+    out = [observe(lambda: setattr(c, "poolkit_tag", 1)), observe(lambda: c.poolkit_tag)]
+    c.close()
+    d = t.connect(m)
+    out.append(observe(lambda: d.poolkit_tag))
+    d.close()
+    return out
+
+
 CHECKS = [v for k, v in sorted(globals().items()) if k.startswith("check_")]
 
 
