@@ -895,13 +895,6 @@ class Pool:
         the middle of a ping, or a hook's bug), ``rec`` is discarded before
         the exception goes on: a connection interrupted mid-conversation
         cannot be trusted, and it must not be stranded, counted as in use."""
-        try:
-            return self._checks(rec, suspect)
-        except BaseException:
-            self._discard(rec, "bad")
-            raise
-
-    def _checks(self, rec: _Conn, suspect: bool | None) -> str | None:
         now = self._clock()
         if rec.generation != self._generation:
             return "invalidated"
@@ -910,26 +903,30 @@ class Pool:
         if now - rec.last_used > self._max_idle_time:
             return "idle"
         raw = rec.raw
-        if suspect is None:
-            suspect = rec.poller is not None and bool(rec.poller.poll(0, 1))
-        if suspect or (self._ping_hook and now - rec.last_used >= self._ping_after):
-            if not self._ping_hook:
-                return "bad"  # readable or hung up while idle, and no ping to ask
-            if not self._ping(rec):
-                return "bad"
-        if rec.used and self._reset_hook:
-            try:
-                if self._reset_hook is True:
-                    self._driver.reset_session(raw)  # type: ignore[union-attr]
-                elif self._reset_hook(raw) is False:
+        try:
+            if suspect is None:
+                suspect = rec.poller is not None and bool(rec.poller.poll(0, 1))
+            if suspect or (self._ping_hook and now - rec.last_used >= self._ping_after):
+                if not self._ping_hook:
+                    return "bad"  # readable or hung up while idle, and no ping to ask
+                if not self._ping(rec):
+                    return "bad"
+            if rec.used and self._reset_hook:
+                try:
+                    if self._reset_hook is True:
+                        self._driver.reset_session(raw)  # type: ignore[union-attr]
+                    elif self._reset_hook(raw) is False:
+                        return "invalid"
+                except Exception as exc:
+                    logger.warning("pool %r: reset_session failed on connection %d: %r", self.name, rec.id, exc)
                     return "invalid"
-            except Exception as exc:
-                logger.warning("pool %r: reset_session failed on connection %d: %r", self.name, rec.id, exc)
-                return "invalid"
-        if rec.generation != self._generation:  # invalidated while we pinged
-            return "invalidated"
-        if self._out is not None:
-            self._track_lease(rec, now)
+            if rec.generation != self._generation:  # invalidated while we pinged
+                return "invalidated"
+            if self._out is not None:
+                self._track_lease(rec, now)
+        except BaseException:
+            self._discard(rec, "bad")
+            raise
         return None
 
     def _track_lease(self, rec: _Conn, now: float) -> None:
