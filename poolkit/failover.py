@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import weakref
@@ -65,6 +66,11 @@ class Failover:
                 logger.info("failover: target %d of %d refused: %r", i + 1, n, exc)
                 last = exc
                 continue
+            except BaseException:  # interrupted (KeyboardInterrupt) in the open: close it, then go on
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.close()
+                raise
             with self._lock:
                 self._preferred = i
                 try:

@@ -23,7 +23,7 @@ from typing import Any
 import fakedb
 import pytest
 
-from poolkit import Pool
+from poolkit import Pool, failover
 
 
 class Interrupted(BaseException):
@@ -378,3 +378,19 @@ def test_a_fresh_connection_whose_victims_close_is_interrupted_gives_the_slot_ba
     with pool.connection(timeout=1):
         pass
     consistent(pool)
+
+
+def test_a_failover_connect_interrupted_in_its_open_closes_the_connection(
+    server: fakedb.Server, monkeypatch: Any
+) -> None:
+    # poolkit.failover makes a lazy driver meet its server (Driver.open);
+    # cut short there, the connection it made is closed, not left behind
+    def interrupted_open(self: Any, conn: Any) -> None:
+        raise Interrupted
+
+    monkeypatch.setattr(fakedb.FakeDriver, "open", interrupted_open)
+    connect = failover(server.connect)
+    with pytest.raises(Interrupted):
+        connect()
+    (made,) = server.connections
+    assert made.closed
