@@ -769,25 +769,23 @@ class Pool:
         generation = self._generation  # read before connecting: see invalidate()
         era = self._era
         epoch = self._epoch
-        rec = None
+        raw = rec = None
         try:
-            raw = self._connect_until(deadline, quiet)
-            try:
-                now = self._clock()
-                lifetime = self._max_lifetime * (1.0 - self._lifetime_jitter * self._random.random())
-                rec = _Conn(raw, next(self._ids), generation, epoch, now, now + lifetime, self._orphans)
-                rec.ticket = rec.era = era
-                self._touch(rec, now)
-                if self._liveness:
-                    rec.poller = liveness_probe(self._driver, raw)  # type: ignore[arg-type]
-            except BaseException:
-                if rec is not None:
-                    rec.retired = True  # not an orphan: closed here
-                    if rec.poller is not None:
-                        rec.poller.close()
-                self._close_raw(raw)
-                raise
+            raw = self._connect_until(deadline, quiet)  # closes what it opened if it fails
+            now = self._clock()
+            lifetime = self._max_lifetime * (1.0 - self._lifetime_jitter * self._random.random())
+            rec = _Conn(raw, next(self._ids), generation, epoch, now, now + lifetime, self._orphans)
+            rec.ticket = rec.era = era
+            self._touch(rec, now)
+            if self._liveness:
+                rec.poller = liveness_probe(self._driver, raw)  # type: ignore[arg-type]
         except BaseException:
+            if rec is not None:
+                rec.retired = True  # not an orphan: closed here
+                if rec.poller is not None:
+                    rec.poller.close()
+            if raw is not None:
+                self._close_raw(raw)
             with self._lock:
                 self._release_slot_locked()
             raise
@@ -969,41 +967,48 @@ class Pool:
         if rec.epoch != self._epoch:  # checked out before a fork: not ours to touch
             _INHERITED.append(rec.raw)
             return
-        raw = rec.raw
         reason = rec.bad or None
-        try:
-            if reason is None:
-                try:
-                    if isinstance(state, Exception):
-                        raise state
-                    if state is None:
-                        state = self._driver.transaction_state(raw)  # type: ignore[union-attr]
-                    if state:  # not IDLE
-                        if state == BROKEN:
-                            reason = "bad"
-                        else:  # IN_TRANSACTION or UNKNOWN
-                            self._driver.rollback(raw)  # type: ignore[union-attr]
-                except Exception as exc:
-                    logger.warning("pool %r: rollback on return failed on connection %d: %r", self.name, rec.id, exc)
-                    reason = "bad"
-                if reason is None and rec.saved is not None:
-                    reason = self._restore_settings(rec)
-                if reason is None and self._is_valid is not None:
-                    try:
-                        if not self._is_valid(raw):
-                            reason = "invalid"
-                    except Exception as exc:
-                        logger.warning("pool %r: is_valid raised on connection %d: %r", self.name, rec.id, exc)
-                        reason = "invalid"
-                if reason is None:
-                    self._touch(rec, self._clock())
-                    rec.used = True
-        except BaseException:
-            # interrupted in the rollback or is_valid (KeyboardInterrupt): the
-            # connection's state is unknown; close it rather than strand it
-            self._put_back(rec, "bad")
-            raise
+        if reason is None:
+            try:
+                reason = self._return_checks(rec, state)
+            except BaseException:
+                # interrupted in the rollback or is_valid (KeyboardInterrupt): the
+                # connection's state is unknown; close it rather than strand it
+                self._put_back(rec, "bad")
+                raise
         self._put_back(rec, reason)
+
+    def _return_checks(self, rec: _Conn, state: int | Exception | None) -> str | None:
+        """Roll back, put back changed settings, ask ``is_valid``; the reason
+        to close ``rec``, or None to keep it (see :meth:`_checkin`)."""
+        raw = rec.raw
+        try:
+            if isinstance(state, Exception):
+                raise state
+            if state is None:
+                state = self._driver.transaction_state(raw)  # type: ignore[union-attr]
+            if state:  # not IDLE
+                if state == BROKEN:
+                    return "bad"
+                # IN_TRANSACTION or UNKNOWN
+                self._driver.rollback(raw)  # type: ignore[union-attr]
+        except Exception as exc:
+            logger.warning("pool %r: rollback on return failed on connection %d: %r", self.name, rec.id, exc)
+            return "bad"
+        if rec.saved is not None:
+            reason = self._restore_settings(rec)
+            if reason is not None:
+                return reason
+        if self._is_valid is not None:
+            try:
+                if not self._is_valid(raw):
+                    return "invalid"
+            except Exception as exc:
+                logger.warning("pool %r: is_valid raised on connection %d: %r", self.name, rec.id, exc)
+                return "invalid"
+        self._touch(rec, self._clock())
+        rec.used = True
+        return None
 
     def _restore_settings(self, rec: _Conn) -> str | None:
         """Put back the settings the caller changed through the proxy, after
