@@ -204,6 +204,23 @@ class _Waiter:
         self.young_until = young_until
 
 
+class _Connecting:
+    """A connect run for a caller in a thread of its own (see
+    :meth:`Pool._open_for_caller`). ``done`` is held until it ends; then
+    ``rec`` or ``error`` says how. ``gone``: the caller stopped waiting, and
+    what the connect makes is the pool's. Changed under the pool's lock."""
+
+    __slots__ = ("done", "error", "finished", "gone", "rec")
+
+    def __init__(self) -> None:
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.finished = False
+        self.gone = False
+        self.rec: _Conn | None = None
+        self.error: BaseException | None = None
+
+
 def _check_number(
     name: str,
     value: Any,
@@ -269,6 +286,7 @@ class Pool:
         "_configure",
         "_connect",
         "_connect_errors",
+        "_connecting",
         "_created",
         "_driver",
         "_driver_checked",
@@ -435,6 +453,7 @@ class Pool:
         # checked out, for the leak log; weak, so a dropped proxy's connection can still be reclaimed
         self._out: weakref.WeakSet[_Conn] | None = weakref.WeakSet() if leak_timeout is not None else None
         self._waiters: deque[_Waiter] = deque()  # FIFO
+        self._connecting: set[_Connecting] = set()  # callers waiting for a connect of their own
         # do callers come straight back after returning a connection? (see _release)
         self._returned_at = -_INF  # the last return seen while others waited
         self._looping = False
@@ -672,7 +691,7 @@ class Pool:
             if waiter is not None:
                 self._abandon(waiter)
             raise
-        return self._open_in_slot(deadline), True
+        return self._open_for_caller(deadline, late=fresh_only), True
 
     def _abandon(self, waiter: _Waiter) -> None:
         """``waiter``'s caller left by an exception: a timeout or the pool's
@@ -756,6 +775,88 @@ class Pool:
             f"pool {self.name!r}: no connection within {deadline - start:.3g}s "
             f"({self._max_size} in use, {waiting} others waiting)"
         ) from cause
+
+    def _open_for_caller(self, deadline: float, late: bool = False) -> _Conn | None:
+        """:meth:`_open_in_slot` for a caller who waits no longer than its
+        ``deadline``. A connect can hang where Python cannot interrupt it: a
+        server (or a proxy before it) that accepted the TCP connection and
+        never answers, a SYN lost to a dead host, which Linux retries for two
+        minutes. So, unless the driver says its connects cannot hang
+        (``Driver.connect_can_hang``; an embedded database's) or the caller
+        waits without limit, the connect runs in a thread of its own, and
+        the caller stops waiting for it at its deadline (PoolTimeout). The
+        connect goes on: the connection it makes joins the pool (the next
+        waiter, or the idle stack), and one that fails gives its slot back.
+        ``late``: the caller's checks took it past its deadline already (see
+        :meth:`_acquire_loop`); it waits for this one connect at most
+        ``ping_timeout``, the bound of the check it replaces."""
+        driver = self._driver
+        if deadline == _INF or (driver is not None and not driver.connect_can_hang):
+            return self._open_in_slot(deadline)
+        until = time.monotonic() + self._ping_timeout if late else deadline
+        job = _Connecting()
+        with self._lock:
+            self._connecting.add(job)  # close() wakes the caller
+        thread = threading.Thread(
+            target=self._connect_for, args=(job, deadline), name=f"poolkit-connect-{self.name}", daemon=True
+        )
+        try:
+            try:
+                thread.start()
+            except RuntimeError:  # no thread to be had: nobody connects in the slot
+                with self._lock:
+                    self._release_slot_locked()
+                raise
+            job.done.acquire(timeout=_bounded(until - time.monotonic()))
+        except BaseException:  # interrupted while it waits (KeyboardInterrupt), or no thread
+            if not self._leave(job, timed_out=False) and job.rec is not None:
+                self._adopt(job.rec)  # it came as the caller left
+            raise
+        if self._leave(job, timed_out=True):
+            raise PoolTimeout(
+                f"pool {self.name!r}: could not connect within the timeout: the connect has not returned "
+                "(it goes on, and the connection it makes joins the pool; give the driver a connect_timeout)"
+            ) from self._last_connect_error
+        if job.error is not None:
+            raise job.error
+        return job.rec
+
+    def _leave(self, job: _Connecting, *, timed_out: bool) -> bool:
+        """The caller stops waiting for ``job``. True if the connect has not
+        ended: what it makes is the pool's from now on."""
+        with self._lock:
+            self._connecting.discard(job)
+            if job.finished:
+                return False
+            job.gone = True
+            if timed_out:
+                self._timeouts += 1
+            return True
+
+    def _connect_for(self, job: _Connecting, deadline: float) -> None:
+        """The thread of :meth:`_open_for_caller`: open a connection in the
+        caller's slot, and hand it over; to the pool, if the caller left."""
+        rec: _Conn | None = None
+        error: BaseException | None = None
+        try:
+            rec = self._open_in_slot(deadline)  # gives the slot back if it fails
+        except BaseException as exc:
+            error = exc
+        with self._lock:
+            if not job.gone:
+                job.rec, job.error, job.finished = rec, error, True
+                job.done.release()
+                return
+        if rec is not None:
+            logger.info("pool %r: connection %d opened after its caller stopped waiting: kept", self.name, rec.id)
+            self._adopt(rec)
+
+    def _adopt(self, rec: _Conn) -> None:
+        """A connection opened for nobody (``min_size``; a caller who stopped
+        waiting): to the next waiter, or the idle stack."""
+        with self._lock:
+            self._acquired -= 1  # _open_in_slot counted a checkout; nobody checked it out
+        self._release(rec)
 
     def _open_in_slot(self, deadline: float, quiet: bool = False) -> _Conn | None:
         """Open a connection in a slot reserved for this caller, retrying with
@@ -878,7 +979,7 @@ class Pool:
                 with self._lock:
                     self._release_slot_locked()
                 raise
-        rec = self._open_in_slot(deadline)
+        rec = self._open_for_caller(deadline)
         if rec is not None:
             if self._out is not None:
                 self._track_lease(rec, self._clock())
@@ -1267,6 +1368,12 @@ class Pool:
             for waiter in waiters:
                 waiter.error = PoolClosed(f"pool {self.name!r} was closed while waiting")
                 waiter.lock.release()
+            for job in self._connecting:
+                if not job.finished:  # its connect goes on, and closes what it makes
+                    job.error = PoolClosed(f"pool {self.name!r} was closed while connecting")
+                    job.finished = job.gone = True
+                    job.done.release()
+            self._connecting.clear()
         self._stop.set()
         self._retire_all(idle, "closed")
         maintainer = self._maintainer
@@ -1362,9 +1469,7 @@ class Pool:
             )
             return False
         if rec is not None:
-            with self._lock:
-                self._acquired -= 1  # nobody checked it out
-            self._release(rec)
+            self._adopt(rec)
         return True
 
     def _check_leak(self, rec: _Conn, now: float) -> None:
@@ -1392,6 +1497,7 @@ class Pool:
         self._idle = []
         self._out = weakref.WeakSet() if self._out is not None else None
         self._waiters = deque()
+        self._connecting = set()
         self._orphans = deque()
         self._open = 0
         self._opening = 0

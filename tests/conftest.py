@@ -1,9 +1,14 @@
 from __future__ import annotations
 
 import functools
+import gc
+import logging
 import os
+import signal
 import sys
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -11,6 +16,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 import fakedb
+from pooltest import Interrupted
 
 from poolkit import Pool
 from poolkit.testing import ChaosProxy
@@ -186,3 +192,54 @@ def table(request: Any) -> Any:
         backend.execute(f"DROP TABLE IF EXISTS {name}")
     except Exception:
         pass
+
+
+@pytest.fixture
+def no_orphans(caplog: Any) -> Any:
+    """Fails the test if the pool got a connection back only because the
+    garbage collector found it dropped: that is a last resort, not a fix."""
+    caplog.set_level(logging.WARNING, logger="poolkit.pool")
+    yield
+    gc.collect()
+    assert "dropped without being returned" not in caplog.text
+
+
+@pytest.fixture
+def signal_main() -> Any:
+    """``signal_main(ready, then=None)``: a thread waits until ``ready()``,
+    then sends SIGUSR1 to the main thread, whose handler runs ``then()`` and
+    raises :class:`Interrupted` there, inside whatever it is blocked in."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals are delivered to the main thread only")
+    main = threading.main_thread().ident
+    assert main is not None
+    actions: list[Callable[[], Any] | None] = [None]
+
+    def handler(signum: int, frame: Any) -> None:
+        then = actions[0]
+        if then is not None:
+            then()
+        raise Interrupted
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    senders: list[threading.Thread] = []
+
+    def arm(ready: Callable[[], bool], then: Callable[[], Any] | None = None) -> None:
+        actions[0] = then
+
+        def send() -> None:
+            deadline = time.monotonic() + 5
+            while not ready():
+                if time.monotonic() > deadline:
+                    return  # never ready: the main thread's own timeout fails the test
+                time.sleep(0.001)
+            signal.pthread_kill(main, signal.SIGUSR1)
+
+        t = threading.Thread(target=send, daemon=True)
+        t.start()
+        senders.append(t)
+
+    yield arm
+    for t in senders:
+        t.join(5)
+    signal.signal(signal.SIGUSR1, old)

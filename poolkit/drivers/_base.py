@@ -108,6 +108,11 @@ class Driver:
 
     #: short name, used in logs and stats
     name = "generic"
+    #: whether a connect can hang on a server that does not answer (any
+    #: driver that talks to one over a network). The pool then connects in
+    #: a thread of its own, so that a caller waits no longer than its
+    #: timeout; an embedded database (sqlite3) connects in the caller's.
+    connect_can_hang = True
 
     def socket_fd(self, conn: Any) -> int | None:
         """The file descriptor of the connection's socket, for the liveness

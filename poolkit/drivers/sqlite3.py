@@ -16,6 +16,7 @@ _BUSY_CODES = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (low byte of the extended cod
 
 class SQLite3Driver(Driver):
     name = "sqlite3"
+    connect_can_hang = False  # no server: a busy database waits for its own timeout
 
     def socket_fd(self, conn: Any) -> int | None:
         return None
