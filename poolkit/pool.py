@@ -1438,12 +1438,35 @@ class Pool:
         self._reclaim_orphans()
         for rec in leak_check:
             self._check_leak(rec, now)
-        for i in range(missing):
-            if not self._fill_one():
-                with self._lock:  # the server does not answer: give back the other slots
-                    for _ in range(missing - i - 1):
+        if missing:
+            # In a thread of its own, as a caller's connect (_open_for_caller):
+            # a connect that hangs holds up the next round (idle time,
+            # lifetime, leaks) one interval at most, not until the driver
+            # gives up (130 s, psycopg's default). The slots it holds keep
+            # the rounds meanwhile from opening more than min_size.
+            filler = threading.Thread(target=self._fill, args=(missing,), name=f"poolkit-fill-{self.name}", daemon=True)
+            try:
+                filler.start()
+            except RuntimeError:  # no thread to be had: the next round tries again
+                with self._lock:
+                    for _ in range(missing):
                         self._release_slot_locked()
-                break
+                raise
+            filler.join(_bounded(self._maintenance_interval))
+
+    def _fill(self, missing: int) -> None:
+        """Open ``missing`` connections in the slots the maintenance round
+        reserved, until one fails."""
+        taken = 0
+        try:
+            while taken < missing:
+                taken += 1  # that slot is _fill_one's: it gives it back if its connect fails
+                if not self._fill_one():
+                    break  # the server does not answer
+        finally:  # give back the other slots
+            with self._lock:
+                for _ in range(missing - taken):
+                    self._release_slot_locked()
 
     def _fill_one(self) -> bool:
         """Open one connection in a slot the maintenance round reserved;

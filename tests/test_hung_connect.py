@@ -29,10 +29,12 @@ from poolkit import Pool, PoolClosed, PoolTimeout
 
 
 class Hang:
-    """The fake server's connect hook: the next ``n`` connects block until
-    :meth:`release`; ``entered`` counts those that started."""
+    """The fake server's connect hook: after the next ``after`` connects,
+    ``n`` connects block until :meth:`release`; ``entered`` counts those
+    that started."""
 
-    def __init__(self, server: fakedb.Server, n: int = 1) -> None:
+    def __init__(self, server: fakedb.Server, n: int = 1, after: int = 0) -> None:
+        self.after = after
         self.left = n
         self.entered = 0
         self.threads: list[threading.Thread] = []
@@ -42,6 +44,9 @@ class Hang:
 
     def __call__(self) -> None:
         with self._lock:
+            if self.after:
+                self.after -= 1
+                return
             if self.left == 0:
                 return
             self.left -= 1
@@ -252,6 +257,34 @@ def test_no_more_than_max_size_connects_run_while_callers_give_up(
     assert pool.stats().idle == 2
     assert len(server.connections) == 3
     held.close()
+
+
+def test_a_min_size_connect_that_hangs_holds_up_maintenance_no_longer_than_an_interval(
+    make_pool: Any, server: fakedb.Server, clock: Any, no_orphans: Any
+) -> None:
+    # min_size=2: the maintenance round's first connect goes through, the
+    # second hangs. The rounds go on meanwhile (here: the first connection
+    # outlives its max_idle_time and is closed), and open no more than
+    # min_size: the hung connect holds its slot.
+    hang = Hang(server, n=10, after=1)
+    pool = make_pool(min_size=2, max_size=4, max_idle_time=60, maintenance_interval=0.05)
+    deadline = time.monotonic() + 5
+    while not (hang.entered and pool.stats().idle == 1):
+        assert time.monotonic() < deadline, pool.stats()
+        time.sleep(0.002)
+    clock.advance(61)
+    while pool.stats().closed_idle != 1:
+        assert time.monotonic() < deadline, f"maintenance stopped while a connect hung: {pool.stats()}"
+        time.sleep(0.002)
+    st = pool.stats()
+    assert st.open + st.opening <= 2 and hang.entered <= 2, st
+    hang.release()
+    deadline = time.monotonic() + 5
+    while pool.stats().idle != 2:
+        assert time.monotonic() < deadline, pool.stats()
+        time.sleep(0.002)
+    consistent(pool)
+    assert pool.stats().open == 2
 
 
 @pytest.mark.integration
