@@ -15,6 +15,7 @@ import itertools
 import logging
 import os
 import random
+import socket
 import threading
 import time
 import traceback
@@ -95,9 +96,11 @@ class _Conn:
         "check_at",
         "checked_out_at",
         "created_at",
+        "cut",
         "epoch",
         "era",
         "expires_at",
+        "fd",
         "generation",
         "id",
         "last_used",
@@ -156,6 +159,9 @@ class _Conn:
         self.used = False  # handed out and returned at least once
         self.bad = ""  # set to a reason when an error showed the connection unusable
         self.poller: Any = None
+        # its socket (Driver.socket_fd), for Pool._cut_overdue; None: none to cut
+        self.fd: int | None = None
+        self.cut = False  # the pool cut it: its server did not answer a rollback or reset
         self.checked_out_at = 0.0
         self.stack: list[traceback.FrameSummary] | None = None
         self.leak_logged = False
@@ -175,6 +181,7 @@ class _Conn:
             twin = _Conn(self.raw, self.id, self.generation, self.epoch, self.created_at, self.expires_at)
             twin.orphans = self.orphans
             twin.poller = self.poller
+            twin.fd = self.fd
             twin.used = self.used
             twin.bad = self.bad
             twin.ticket = self.ticket
@@ -295,6 +302,7 @@ class Pool:
         "_fill_after",
         "_fill_failures",
         "_generation",
+        "_guarded",
         "_handoff_after",
         "_handoff_streak",
         "_hold_avg",
@@ -454,6 +462,8 @@ class Pool:
         self._out: weakref.WeakSet[_Conn] | None = weakref.WeakSet() if leak_timeout is not None else None
         self._waiters: deque[_Waiter] = deque()  # FIFO
         self._connecting: set[_Connecting] = set()  # callers waiting for a connect of their own
+        # connections whose server the pool waits for (a rollback, a reset), and until when
+        self._guarded: dict[_Conn, float] = {}
         # do callers come straight back after returning a connection? (see _release)
         self._returned_at = -_INF  # the last return seen while others waited
         self._looping = False
@@ -880,6 +890,7 @@ class Pool:
             self._touch(rec, now)
             if self._liveness:
                 rec.poller = liveness_probe(self._driver, raw)  # type: ignore[arg-type]
+            rec.fd = self._driver.socket_fd(raw)  # type: ignore[union-attr]
         except BaseException:
             if rec is not None:
                 rec.retired = True  # not an orphan: closed here
@@ -1011,13 +1022,21 @@ class Pool:
                 if not self._ping(rec):
                     return "bad"
             if rec.used and self._reset_hook:
+                self._guard(rec)
                 try:
                     if self._reset_hook is True:
                         self._driver.reset_session(raw)  # type: ignore[union-attr]
-                    elif self._reset_hook(raw) is False:
-                        return "invalid"
+                        reset = True
+                    else:
+                        reset = self._reset_hook(raw) is not False
                 except Exception as exc:
                     logger.warning("pool %r: reset_session failed on connection %d: %r", self.name, rec.id, exc)
+                    reset = False
+                finally:
+                    cut = self._unguard(rec)
+                if cut:
+                    return "bad"
+                if not reset:
                     return "invalid"
             if rec.generation != self._generation:  # invalidated while we pinged
                 return "invalidated"
@@ -1027,6 +1046,57 @@ class Pool:
             self._discard(rec, "bad")
             raise
         return None
+
+    def _guard(self, rec: _Conn) -> None:
+        """The pool is about to wait for ``rec``'s server (a rollback on
+        return, a reset at checkout), in a driver call that has no timeout of
+        its own: psycopg waits for a server that stopped answering until TCP
+        gives up (15 minutes), PyMySQL for ever. If no answer comes within
+        ``ping_timeout``, the maintenance thread cuts the connection (see
+        :meth:`_cut_overdue`): the driver call fails at once, and the pool
+        discards the connection. Connections with no socket are not guarded."""
+        if rec.fd is not None:
+            with self._lock:
+                self._guarded[rec] = self._clock() + self._ping_timeout
+
+    def _unguard(self, rec: _Conn) -> bool:
+        """The wait for ``rec``'s server is over: True if the pool cut it."""
+        if rec.fd is None:
+            return False
+        with self._lock:
+            self._guarded.pop(rec, None)
+            return rec.cut
+
+    def _cut_overdue(self, now: float) -> None:
+        """Cut the guarded connections whose server has not answered by their
+        deadline (see :meth:`_guard`): shut their socket down, so that the
+        thread waiting in the driver gets its error. The socket is
+        duplicated under the lock, while its owner cannot close it: the
+        duplicate keeps the socket itself for the shutdown, not its number,
+        which a close could hand to another connection meanwhile."""
+        cut: list[tuple[_Conn, int]] = []
+        with self._lock:
+            for rec, deadline in list(self._guarded.items()):
+                if now >= deadline:
+                    del self._guarded[rec]
+                    rec.cut = True
+                    with contextlib.suppress(OSError):  # closed already
+                        cut.append((rec, os.dup(rec.fd)))  # type: ignore[arg-type]
+        for rec, fd in cut:
+            logger.warning(
+                "pool %r: connection %d: its server did not answer the pool's rollback or reset "
+                "within ping_timeout (%gs); cutting it",
+                self.name,
+                rec.id,
+                self._ping_timeout,
+            )
+            try:
+                sock = socket.socket(fileno=fd)
+            except OSError:  # not a socket after all
+                os.close(fd)
+                continue
+            with sock, contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def _track_lease(self, rec: _Conn, now: float) -> None:
         """Leak tracking: note when and from where ``rec`` was checked out."""
@@ -1070,13 +1140,17 @@ class Pool:
             return
         reason = rec.bad or None
         if reason is None:
+            self._guard(rec)
             try:
                 reason = self._return_checks(rec, state)
             except BaseException:
                 # interrupted in the rollback or is_valid (KeyboardInterrupt): the
                 # connection's state is unknown; close it rather than strand it
+                self._unguard(rec)
                 self._put_back(rec, "bad")
                 raise
+            if self._unguard(rec):
+                reason = "bad"
         self._put_back(rec, reason)
 
     def _return_checks(self, rec: _Conn, state: int | Exception | None) -> str | None:
@@ -1435,6 +1509,7 @@ class Pool:
             missing = 0 if self._closed or now < self._fill_after else max(0, self._min_size - self._open)
             self._open += missing
             self._opening += missing
+        self._cut_overdue(now)
         self._reclaim_orphans()
         for rec in leak_check:
             self._check_leak(rec, now)
@@ -1521,6 +1596,7 @@ class Pool:
         self._out = weakref.WeakSet() if self._out is not None else None
         self._waiters = deque()
         self._connecting = set()
+        self._guarded = {}
         self._orphans = deque()
         self._open = 0
         self._opening = 0

@@ -56,6 +56,9 @@ class Server:
         self.execute_errors: dict[str, BaseException] = {}  # SQL text -> error
         self.commit_error: BaseException | None = None
         self.ping_error: BaseException | None = None
+        # the server stops answering: rollback / reset_session wait on the socket
+        self.rollback_hangs = False
+        self.reset_hangs = False
         self.committed: list[str] = []
 
     def connect(self) -> FakeConnection:
@@ -122,8 +125,18 @@ class FakeConnection:
         self.pending = []
         self.in_transaction = False
 
+    def wait_for_answer(self) -> None:
+        """Wait for a server that does not answer: until the socket is shut
+        down (by the pool's cut), which ends it as a dead server would."""
+        self._client.settimeout(10)
+        if not self._client.recv(1):
+            self.dead = True
+            raise OperationalError("server closed the connection unexpectedly")
+
     def rollback(self) -> None:
         self._check()
+        if self.server.rollback_hangs:
+            self.wait_for_answer()
         self.rollbacks += 1
         self.pending = []
         self.in_transaction = False
@@ -211,6 +224,8 @@ class FakeDriver(Driver):
             raise err
 
     def reset_session(self, conn: Any) -> None:
+        if conn.server.reset_hangs:
+            conn.wait_for_answer()
         conn.resets += 1
         conn.session.clear()
 

@@ -1,0 +1,161 @@
+"""The pool's own waits for a server end within ``ping_timeout``.
+
+Returning a connection with a transaction open makes the pool roll it back;
+a checkout with ``reset_session`` resets the session. Both wait for the
+server in a driver call with no timeout of its own: psycopg waits for a
+server that stopped answering until TCP gives up (about 15 minutes),
+PyMySQL for ever. The caller's ``conn.close()``, the end of its ``with``
+block, would hang as long. So the pool notes the deadline, and its
+maintenance thread cuts a connection whose server has not answered by
+then (its socket is shut down): the driver call fails at once, and the
+connection is discarded, its slot free again.
+
+The fake server's rollback and reset wait on the connection's socket, as a
+real driver's would; on the real servers, a chaos proxy stops answering."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import fakedb
+import pytest
+from pooltest import consistent
+
+from poolkit import Pool
+
+
+def closing_in_thread(conn: Any) -> threading.Thread:
+    """``conn.close()`` in a thread of its own, started; it may hang."""
+    t = threading.Thread(target=conn.close, daemon=True)
+    t.start()
+    return t
+
+
+def waiting_for(server_conn: Any, t: threading.Thread) -> None:
+    """Until the fake connection is waiting for its server's answer."""
+    deadline = time.monotonic() + 5
+    while not server_conn._client.gettimeout():  # set by wait_for_answer
+        assert time.monotonic() < deadline and t.is_alive()
+        time.sleep(0.001)
+
+
+def test_a_rollback_on_return_that_gets_no_answer_is_cut_at_ping_timeout(
+    make_pool: Any, server: fakedb.Server, clock: Any, caplog: Any
+) -> None:
+    caplog.set_level(logging.WARNING, logger="poolkit.pool")
+    pool = make_pool(max_size=1, ping_timeout=2.0)
+    conn = pool.acquire()
+    conn.cursor().execute("INSERT 1")  # a transaction open
+    raw = conn.driver_connection
+    server.rollback_hangs = True
+    t = closing_in_thread(conn)
+    waiting_for(raw, t)
+    pool._maintain()  # before the deadline: nothing to cut
+    t.join(0.2)
+    assert t.is_alive()
+    clock.advance(2.0)
+    pool._maintain()
+    t.join(5)
+    assert not t.is_alive(), "the return still waits for the server"
+    assert raw.closed
+    assert "did not answer the pool's rollback or reset within ping_timeout (2s)" in caplog.text
+    st = pool.stats()
+    assert st.closed_bad == 1, st
+    consistent(pool)
+    server.rollback_hangs = False
+    with pool.connection(timeout=1) as again:  # the slot is free
+        assert again.driver_connection is not raw
+
+
+def test_a_reset_at_checkout_that_gets_no_answer_is_cut_and_the_caller_gets_another(
+    make_pool: Any, server: fakedb.Server, clock: Any
+) -> None:
+    pool = make_pool(max_size=1, reset_session=True, ping_timeout=1.0)
+    pool.acquire().close()  # used once: the next checkout resets it
+    first = server.connections[0]
+    server.reset_hangs = True
+    got: list[Any] = []
+    t = threading.Thread(target=lambda: got.append(pool.acquire(timeout=5)), daemon=True)
+    t.start()
+    waiting_for(first, t)
+    server.reset_hangs = False
+    clock.advance(1.0)
+    pool._maintain()
+    t.join(5)
+    (conn,) = got
+    assert conn.driver_connection is not first  # a new one, opened in the slot freed
+    assert first.closed
+    conn.close()
+    assert pool.stats().closed_bad == 1
+    consistent(pool)
+
+
+def test_a_connection_cut_just_as_its_rollback_ends_is_not_kept(
+    make_pool: Any, server: fakedb.Server, clock: Any
+) -> None:
+    # The answer comes as the deadline passes: the maintenance round cuts
+    # the socket, then the rollback returns as if all were well. The socket
+    # is shut down all the same, so the connection must not go back idle.
+    pool = make_pool(max_size=1, ping_timeout=1.0)
+    conn = pool.acquire()
+    conn.cursor().execute("INSERT 1")
+    raw = conn.driver_connection
+    real_rollback = raw.rollback
+
+    def rollback_that_ends_as_it_is_cut() -> None:
+        clock.advance(1.0)
+        pool._maintain()  # the round that cuts it, at this exact point
+        real_rollback()
+
+    raw.rollback = rollback_that_ends_as_it_is_cut
+    conn.close()
+    assert raw.closed
+    st = pool.stats()
+    assert (st.closed_bad, st.idle) == (1, 0), st
+    consistent(pool)
+
+
+def test_a_rollback_that_gets_its_answer_in_time_is_not_cut(make_pool: Any, server: fakedb.Server, clock: Any) -> None:
+    pool = make_pool(max_size=1, ping_timeout=1.0)
+    conn = pool.acquire()
+    conn.cursor().execute("INSERT 1")
+    raw = conn.driver_connection
+    conn.close()
+    clock.advance(5.0)
+    pool._maintain()  # nothing guarded any more
+    assert not raw.closed and raw.rollbacks == 1
+    assert pool.stats().idle == 1 and not pool._guarded
+
+
+@pytest.mark.integration
+@pytest.mark.timing
+def test_a_return_to_a_server_that_stopped_answering_ends_within_ping_timeout(proxied: Any) -> None:
+    # A real driver rolls back on a connection whose server (a proxy in
+    # front of it) stopped answering: without the cut, close() hangs.
+    backend, proxy, connect = proxied
+    pool = Pool(connect, max_size=1, ping_timeout=0.3, maintenance_interval=0.05, name="silent")
+    try:
+        conn = pool.acquire()
+        cur = conn.cursor()
+        if backend.name == "mariadb":
+            cur.execute("BEGIN")
+        cur.execute("SELECT 1")
+        cur.fetchall()
+        proxy.blackhole()
+        start = time.monotonic()
+        t = closing_in_thread(conn)
+        t.join(5)
+        assert not t.is_alive(), "the return still waits for the server"
+        assert time.monotonic() - start < 1.5  # 0.3 s, a round of 0.05 s, slack
+        assert pool.stats().closed_bad == 1
+        proxy.heal()
+        with pool.connection(timeout=5) as again:
+            cur = again.cursor()
+            cur.execute("SELECT 1")
+            assert cur.fetchone()[0] == 1
+        consistent(pool)
+    finally:
+        pool.close(timeout=1)
