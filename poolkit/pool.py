@@ -161,7 +161,7 @@ class _Conn:
         self.poller: Any = None
         # its socket (Driver.socket_fd), for Pool._cut_overdue; None: none to cut
         self.fd: int | None = None
-        self.cut = False  # the pool cut it: its server did not answer a rollback or reset
+        self.cut = False  # the pool cut it: its server did not answer a rollback, reset or ping
         self.checked_out_at = 0.0
         self.stack: list[traceback.FrameSummary] | None = None
         self.leak_logged = False
@@ -1049,8 +1049,8 @@ class Pool:
 
     def _guard(self, rec: _Conn) -> None:
         """The pool is about to wait for ``rec``'s server (a rollback on
-        return, a reset at checkout), in a driver call that has no timeout of
-        its own: psycopg waits for a server that stopped answering until TCP
+        return, a reset or a ping at checkout), in a driver call that may
+        have no timeout of its own: psycopg waits for a server that stopped answering until TCP
         gives up (15 minutes), PyMySQL for ever. If no answer comes within
         ``ping_timeout``, the maintenance thread cuts the connection (see
         :meth:`_cut_overdue`): the driver call fails at once, and the pool
@@ -1084,7 +1084,7 @@ class Pool:
                         cut.append((rec, os.dup(rec.fd)))  # type: ignore[arg-type]
         for rec, fd in cut:
             logger.warning(
-                "pool %r: connection %d: its server did not answer the pool's rollback or reset "
+                "pool %r: connection %d: its server did not answer the pool's rollback, reset or ping "
                 "within ping_timeout (%gs); cutting it",
                 self.name,
                 rec.id,
@@ -1108,7 +1108,11 @@ class Pool:
                 self._out.add(rec)
 
     def _ping(self, rec: _Conn) -> bool:
+        """Ask the server; False if it did not answer as it should. The
+        drivers that can bound their ping (psycopg, PyMySQL) do, with
+        ``ping_timeout``; the others (and a ping hook) are cut then."""
         ok = True
+        self._guard(rec)
         try:
             if self._ping_hook is True:
                 self._driver.ping(rec.raw, self._ping_timeout)  # type: ignore[union-attr]
@@ -1117,6 +1121,9 @@ class Pool:
         except Exception as exc:
             logger.warning("pool %r: ping failed on connection %d: %r", self.name, rec.id, exc)
             ok = False
+        finally:
+            if self._unguard(rec):
+                ok = False
         with self._lock:
             self._pings += 1
             if not ok:

@@ -59,6 +59,7 @@ class Server:
         # the server stops answering: rollback / reset_session wait on the socket
         self.rollback_hangs = False
         self.reset_hangs = False
+        self.ping_hangs = False
         self.committed: list[str] = []
 
     def connect(self) -> FakeConnection:
@@ -217,6 +218,9 @@ class FakeDriver(Driver):
         return IN_TRANSACTION if conn.in_transaction else IDLE
 
     def ping(self, conn: Any, timeout: float) -> None:
+        # no deadline of its own, as a generic driver's: the pool's cut ends it
+        if conn.server.ping_hangs:
+            conn.wait_for_answer()
         conn.pings += 1
         conn._check()
         err = conn.server.ping_error

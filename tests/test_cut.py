@@ -61,7 +61,7 @@ def test_a_rollback_on_return_that_gets_no_answer_is_cut_at_ping_timeout(
     t.join(5)
     assert not t.is_alive(), "the return still waits for the server"
     assert raw.closed
-    assert "did not answer the pool's rollback or reset within ping_timeout (2s)" in caplog.text
+    assert "did not answer the pool's rollback, reset or ping within ping_timeout (2s)" in caplog.text
     st = pool.stats()
     assert st.closed_bad == 1, st
     consistent(pool)
@@ -90,6 +90,30 @@ def test_a_reset_at_checkout_that_gets_no_answer_is_cut_and_the_caller_gets_anot
     assert first.closed
     conn.close()
     assert pool.stats().closed_bad == 1
+    consistent(pool)
+
+
+def test_a_ping_without_a_deadline_of_its_own_is_cut_at_ping_timeout(
+    make_pool: Any, server: fakedb.Server, clock: Any
+) -> None:
+    # A driver whose ping cannot be bounded (the generic one; here the
+    # fake's): the cut bounds it.
+    pool = make_pool(max_size=1, ping_after=0, ping_timeout=1.0)
+    pool.acquire().close()
+    first = server.connections[0]
+    server.ping_hangs = True
+    got: list[Any] = []
+    t = threading.Thread(target=lambda: got.append(pool.acquire(timeout=5)), daemon=True)
+    t.start()
+    waiting_for(first, t)
+    clock.advance(1.0)
+    pool._maintain()
+    t.join(5)
+    (conn,) = got
+    assert conn.driver_connection is not first and first.closed
+    conn.close()
+    st = pool.stats()
+    assert (st.closed_bad, st.ping_failures) == (1, 1), st
     consistent(pool)
 
 

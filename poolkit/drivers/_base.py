@@ -165,7 +165,9 @@ class Driver:
 
     def ping(self, conn: Any, timeout: float) -> None:
         """Raise if the connection is not usable. A generic driver gives no
-        way to bound the wait, so ``timeout`` is advisory here."""
+        way to bound the wait, so ``timeout`` is advisory here: the pool
+        cuts a connection whose server has not answered by then (see
+        ``Pool._guard``), if it has a socket."""
         cur = conn.cursor()
         try:
             cur.execute("SELECT 1")
