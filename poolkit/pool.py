@@ -1050,11 +1050,12 @@ class Pool:
     def _guard(self, rec: _Conn) -> None:
         """The pool is about to wait for ``rec``'s server (a rollback on
         return, a reset or a ping at checkout), in a driver call that may
-        have no timeout of its own: psycopg waits for a server that stopped answering until TCP
-        gives up (15 minutes), PyMySQL for ever. If no answer comes within
-        ``ping_timeout``, the maintenance thread cuts the connection (see
-        :meth:`_cut_overdue`): the driver call fails at once, and the pool
-        discards the connection. Connections with no socket are not guarded."""
+        have no timeout of its own: psycopg's rollback waits for a server
+        that stopped answering until TCP gives up (15 minutes), PyMySQL's
+        for ever. If no answer comes within ``ping_timeout``, the
+        maintenance thread cuts the connection (see :meth:`_cut_overdue`):
+        the driver call fails at once, and the pool discards the
+        connection. Connections with no socket are not guarded."""
         if rec.fd is not None:
             with self._lock:
                 self._guarded[rec] = self._clock() + self._ping_timeout
