@@ -294,7 +294,9 @@ class Pool:
         "_connect",
         "_connect_errors",
         "_connecting",
+        "_connects_abandoned",
         "_created",
+        "_cuts",
         "_driver",
         "_driver_checked",
         "_epoch",
@@ -547,6 +549,8 @@ class Pool:
         self._ping_failures = 0
         self._retries = 0
         self._connect_errors = 0
+        self._connects_abandoned = 0
+        self._cuts = 0
 
     def _start_maintenance(self) -> None:
         from poolkit._maintenance import start_maintenance
@@ -839,6 +843,7 @@ class Pool:
             if job.finished:
                 return False
             job.gone = True
+            self._connects_abandoned += 1
             if timed_out:
                 self._timeouts += 1
             return True
@@ -1081,6 +1086,7 @@ class Pool:
                 if now >= deadline:
                     del self._guarded[rec]
                     rec.cut = True
+                    self._cuts += 1
                     with contextlib.suppress(OSError):  # closed already
                         cut.append((rec, os.dup(rec.fd)))  # type: ignore[arg-type]
         for rec, fd in cut:
@@ -1643,6 +1649,8 @@ class Pool:
                 ping_failures=self._ping_failures,
                 retries=self._retries,
                 connect_errors=self._connect_errors,
+                connects_abandoned=self._connects_abandoned,
+                cuts=self._cuts,
             )
 
     def reset_stats(self) -> None:

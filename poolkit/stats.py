@@ -45,6 +45,12 @@ class PoolStats:
     ping_failures: int
     retries: int
     connect_errors: int
+    #: connects whose caller stopped waiting (timed out, interrupted): they
+    #: went on, and what they made joined the pool
+    connects_abandoned: int
+    #: connections cut because their server did not answer the pool's
+    #: rollback, reset or ping within ping_timeout (closed as bad, too)
+    cuts: int
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -69,7 +69,7 @@ def test_a_caller_waits_for_a_hung_connect_no_longer_than_its_timeout(
         pool.acquire(timeout=0.3)
     assert 0.25 < time.monotonic() - start < 0.8
     st = pool.stats()
-    assert (st.opening, st.timeouts, st.acquired) == (1, 1, 0), st
+    assert (st.opening, st.timeouts, st.connects_abandoned, st.acquired) == (1, 1, 1, 0), st
     assert hang.threads[0] is not threading.current_thread()
     # the connect ends: its connection is the pool's, idle, and the next
     # caller gets it without a connect of its own
@@ -132,7 +132,8 @@ def test_a_connect_that_ends_as_its_caller_gives_up_is_the_callers(
     assert conn.driver_connection.id == 1
     conn.close()
     consistent(pool)
-    assert (pool.stats().timeouts, pool.stats().acquired) == (0, 1)
+    st = pool.stats()
+    assert (st.timeouts, st.connects_abandoned, st.acquired) == (0, 0, 1), st
 
 
 @pytest.mark.timing
@@ -180,7 +181,8 @@ def test_a_caller_interrupted_while_its_connect_hangs_leaves_the_connection_to_t
     with pytest.raises(Interrupted):
         pool.acquire()
     assert time.monotonic() - start < 2.0
-    assert pool.stats().timeouts == 0  # interrupted, not timed out
+    st = pool.stats()
+    assert (st.timeouts, st.connects_abandoned) == (0, 1), st  # interrupted, not timed out
     hang.release()
     settled(pool)
     consistent(pool)
