@@ -464,7 +464,7 @@ class Pool:
         self._out: weakref.WeakSet[_Conn] | None = weakref.WeakSet() if leak_timeout is not None else None
         self._waiters: deque[_Waiter] = deque()  # FIFO
         self._connecting: set[_Connecting] = set()  # callers waiting for a connect of their own
-        # connections whose server the pool waits for (a rollback, a reset), and until when
+        # connections whose server the pool waits for (a rollback, a reset, a ping), and until when
         self._guarded: dict[_Conn, float] = {}
         # do callers come straight back after returning a connection? (see _release)
         self._returned_at = -_INF  # the last return seen while others waited
@@ -819,6 +819,7 @@ class Pool:
                 thread.start()
             except RuntimeError:  # no thread to be had: nobody connects in the slot
                 with self._lock:
+                    job.finished = True  # ended before it began: nothing was abandoned
                     self._release_slot_locked()
                 raise
             job.done.acquire(timeout=_bounded(until - time.monotonic()))

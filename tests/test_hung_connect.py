@@ -136,6 +136,28 @@ def test_a_connect_that_ends_as_its_caller_gives_up_is_the_callers(
     assert (st.timeouts, st.connects_abandoned, st.acquired) == (0, 0, 1), st
 
 
+def test_a_connect_with_no_thread_to_run_in_gives_its_slot_back(
+    make_pool: Any, server: fakedb.Server, monkeypatch: Any
+) -> None:
+    # The process is out of threads: the caller gets the error, and the slot
+    # it reserved is free again; no connect was started, so none abandoned.
+    pool = make_pool(max_size=1)
+
+    def no_thread(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        pool.acquire(timeout=1)
+    monkeypatch.undo()
+    st = pool.stats()
+    assert (st.connects_abandoned, st.timeouts) == (0, 0), st
+    consistent(pool)
+    with pool.connection(timeout=1):
+        pass
+    assert server.connections[0].id == 1 and len(server.connections) == 1
+
+
 @pytest.mark.timing
 def test_closing_the_pool_wakes_a_caller_waiting_for_its_connect(
     make_pool: Any, server: fakedb.Server, no_orphans: Any
