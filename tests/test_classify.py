@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import sqlite3
 import sys
-import time
 from typing import Any
 
 import fakedb
@@ -163,8 +162,13 @@ def test_pool_custom_classifier_comes_first(server: fakedb.Server) -> None:
         pool.close()
 
 
-@pytest.mark.timing
-def test_classifying_100000_exceptions_takes_well_under_a_second() -> None:
+def test_classifying_a_known_kind_of_error_again_imports_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # classify() runs on every error a proxy sees: once a driver's module is
+    # known, no import statement runs (a cached import still costs a lookup
+    # and the import lock). What classification costs is the benchmark
+    # runner's to show, not a timed test's.
+    import builtins
+
     import psycopg
     import pymysql
 
@@ -175,11 +179,37 @@ def test_classifying_100000_exceptions_takes_well_under_a_second() -> None:
         ValueError("x"),
         sqlite3.OperationalError("database is locked"),
     ]
-    for s in samples:
-        classify(s)  # warm the lazy driver imports
-    n = 100_000
-    t0 = time.monotonic()
-    for i in range(n):
-        classify(samples[i % len(samples)])
-    elapsed = time.monotonic() - t0
-    assert elapsed < 1.0, f"{n} classifications took {elapsed:.2f}s"
+    first = [classify(s) for s in samples]  # may import the drivers' modules
+    imported: list[str] = []
+    real_import = builtins.__import__
+
+    def counting_import(name: str, *args: Any, **kwargs: Any) -> Any:
+        imported.append(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", counting_import)
+    again = [classify(s) for s in samples]
+    monkeypatch.undo()
+    assert imported == []
+    assert [c.category for c in again] == [c.category for c in first]
+    assert [c.category for c in again] == [
+        Category.BAD_CONNECTION,
+        Category.BAD_CONNECTION,
+        Category.RETRYABLE,
+        Category.PERMANENT,
+        Category.RETRYABLE,
+    ]
+
+
+def test_a_chain_of_any_length_is_walked_no_further_than_max_chain(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = sys.modules["poolkit.classify"]  # the package's name `classify` is the function
+    looked_at: list[BaseException] = []
+    real = module._classify_one
+    monkeypatch.setattr(module, "_classify_one", lambda e: looked_at.append(e) or real(e))
+    deep = _chain(EOFError(), 10_000, "cause")
+    c = classify(deep)
+    assert len(looked_at) == module.MAX_CHAIN
+    assert c.category is Category.PERMANENT  # the EOF lies beyond what is looked at
+    looked_at.clear()
+    assert classify(_chain(EOFError(), module.MAX_CHAIN - 1, "context")).category is Category.BAD_CONNECTION
+    assert len(looked_at) == module.MAX_CHAIN
