@@ -1,5 +1,11 @@
 """The maintenance thread: one per pool, holding only a weak reference to it,
-so an abandoned pool is still garbage collected and its thread ends."""
+so an abandoned pool is still garbage collected and its thread ends.
+
+Once the pool is closed, the thread goes on only while a connection's
+return or ping still waits for its server (see ``Pool._guard``): it cuts
+that connection when its ``ping_timeout`` is up, as it would have in an
+open pool, so that the thread waiting in the driver is not left hanging
+until TCP gives up (``Pool.close`` waits for that, within its timeout)."""
 
 from __future__ import annotations
 
@@ -24,12 +30,25 @@ def start_maintenance(pool: Pool) -> threading.Thread:
         while not stop.wait(interval):
             p = ref()
             if p is None or p.closed:
-                return
+                break
             try:
                 p._maintain()
             except Exception:
                 logger.exception("pool %r: maintenance round failed", p.name)
             del p
+        # closed: cut what still waits for a silent server, then end
+        pause = threading.Event()  # never set: `stop` is
+        while (p := ref()) is not None:
+            try:
+                due = p._cut_overdue(p._clock())
+                if due is None:
+                    return
+                wait = min(interval, max(0.0, due - p._clock()))
+            except Exception:
+                logger.exception("pool %r: cutting a connection after close failed", p.name)
+                return
+            del p
+            pause.wait(wait)
 
     thread = threading.Thread(target=loop, name=name, daemon=True)
     thread.start()

@@ -1074,13 +1074,17 @@ class Pool:
             self._guarded.pop(rec, None)
             return rec.cut
 
-    def _cut_overdue(self, now: float) -> None:
+    def _cut_overdue(self, now: float) -> float | None:
         """Cut the guarded connections whose server has not answered by their
         deadline (see :meth:`_guard`): shut their socket down, so that the
         thread waiting in the driver gets its error. The socket is
         duplicated under the lock, while its owner cannot close it: the
         duplicate keeps the socket itself for the shutdown, not its number,
-        which a close could hand to another connection meanwhile."""
+        which a close could hand to another connection meanwhile.
+
+        Returns the earliest deadline still to come, or None if no
+        connection is guarded (the maintenance thread of a closed pool runs
+        until then: see ``_maintenance``)."""
         cut: list[tuple[_Conn, int]] = []
         with self._lock:
             for rec, deadline in list(self._guarded.items()):
@@ -1090,6 +1094,7 @@ class Pool:
                     self._cuts += 1
                     with contextlib.suppress(OSError):  # closed already
                         cut.append((rec, os.dup(rec.fd)))  # type: ignore[arg-type]
+            next_due = min(self._guarded.values(), default=None)
         for rec, fd in cut:
             logger.warning(
                 "pool %r: connection %d: its server did not answer the pool's rollback, reset or ping "
@@ -1105,6 +1110,7 @@ class Pool:
                 continue
             with sock, contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+        return next_due
 
     def _track_lease(self, rec: _Conn, now: float) -> None:
         """Leak tracking: note when and from where ``rec`` was checked out."""
@@ -1154,6 +1160,11 @@ class Pool:
             _INHERITED.append(rec.raw)
             return
         reason = rec.bad or None
+        if reason is None and (self._closed or rec.generation != self._generation):
+            # It will be closed anyway, and its server rolls back what is open
+            # when it closes: no rollback to wait for (nor a server that may
+            # not answer it, with nobody left to cut it once the pool is closed)
+            reason = "closed" if self._closed else "invalidated"
         if reason is None:
             self._guard(rec)
             try:
@@ -1444,7 +1455,9 @@ class Pool:
     def close(self, timeout: float = 5.0) -> None:
         """Close the pool: waiters get :class:`PoolClosed`, idle connections are
         closed now, checked-out ones when returned. Waits up to ``timeout``
-        seconds for checked-out connections to come back."""
+        seconds, in all, for checked-out connections to come back (one whose
+        return waits for a server that stopped answering is cut when its
+        ``ping_timeout`` is up, as in an open pool)."""
         with self._lock:
             if self._closed:
                 return
@@ -1463,12 +1476,14 @@ class Pool:
                     job.finished = job.gone = True
                     job.done.release()
             self._connecting.clear()
+        end = time.monotonic() + timeout
         self._stop.set()
         self._retire_all(idle, "closed")
         maintainer = self._maintainer
         if maintainer is not None and maintainer is not threading.current_thread() and maintainer.is_alive():
-            maintainer.join(_bounded(timeout))
-        end = time.monotonic() + timeout
+            # its round in flight, and then its cuts of the connections whose
+            # return or ping still waits for a server (see _maintenance)
+            maintainer.join(_bounded(end - time.monotonic()))
         with self._lock:
             while self._in_use_locked() and (left := end - time.monotonic()) > 0:
                 self._returned.wait(_bounded(left))

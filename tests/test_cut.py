@@ -154,6 +154,64 @@ def test_a_rollback_that_gets_its_answer_in_time_is_not_cut(make_pool: Any, serv
     assert pool.stats().idle == 1 and pool.stats().cuts == 0 and not pool._guarded
 
 
+@pytest.mark.parametrize("retired_by", ["close", "invalidate"])
+def test_a_connection_returned_only_to_be_closed_is_not_rolled_back_first(
+    make_pool: Any, server: fakedb.Server, retired_by: str
+) -> None:
+    # Returned after close() or invalidate(), the connection is closed, and
+    # its server rolls back what is open when it closes. A rollback first
+    # would be one more wait for a server that may not answer, and after
+    # close() no maintenance round is left to cut it.
+    pool = make_pool(max_size=1)
+    conn = pool.acquire()
+    conn.cursor().execute("INSERT 1")  # a transaction open
+    raw = conn.driver_connection
+    server.rollback_hangs = True
+    if retired_by == "close":
+        pool.close(timeout=0)
+    else:
+        pool.invalidate()
+    t = closing_in_thread(conn)
+    t.join(2)
+    assert not t.is_alive(), "the return waits for a rollback of a connection it closes anyway"
+    assert raw.closed and raw.rollbacks == 0
+    st = pool.stats()
+    assert (st.closed, st.closed_bad, st.closed_invalidated, st.in_use) == (
+        1,
+        0,
+        int(retired_by == "invalidate"),
+        0,
+    ), st
+    consistent(pool)
+
+
+@pytest.mark.timing
+def test_a_return_hung_when_the_pool_is_closed_is_still_cut(server: fakedb.Server) -> None:
+    # The rollback began before close(): the maintenance thread, stopped by
+    # close(), goes on cutting until no connection is guarded, and close()
+    # returns once the connection is back, not at its own timeout.
+    pool = Pool(server.connect, max_size=1, ping_timeout=0.3, maintenance_interval=0.05, name="closing")
+    conn = pool.acquire()
+    conn.cursor().execute("INSERT 1")
+    raw = conn.driver_connection
+    server.rollback_hangs = True
+    t = closing_in_thread(conn)
+    waiting_for(raw, t)
+    start = time.monotonic()
+    pool.close(timeout=3)
+    took = time.monotonic() - start
+    t.join(1)
+    assert not t.is_alive(), "the return still waits for the server"
+    assert took < 1.5, took  # the cut at 0.3 s, a round of 0.05 s, slack; not close()'s 3 s
+    assert raw.closed
+    st = pool.stats()
+    assert (st.cuts, st.closed_bad, st.in_use) == (1, 1, 0), st
+    deadline = time.monotonic() + 2
+    while pool._maintainer is not None and pool._maintainer.is_alive():  # nothing left to cut: it ends
+        assert time.monotonic() < deadline, "the maintenance thread of a closed pool does not end"
+        time.sleep(0.01)
+
+
 @pytest.mark.integration
 @pytest.mark.timing
 def test_a_return_to_a_server_that_stopped_answering_ends_within_ping_timeout(proxied: Any) -> None:
