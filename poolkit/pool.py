@@ -57,8 +57,10 @@ _CAME_BACK = 0.0001
 _QUICK = 0.001
 # ... and a turn (a connection going back to the same caller) holds at most
 # about this much work, at that average: short turns keep the waiters' shares
-# even within a fraction of a second, whatever a unit of work costs.
-_TURN = 0.016
+# even within a fraction of a second, whatever a unit of work costs. (16 ms
+# let 0.5 s windows end as uneven as 0.6 least/most served where SELECT 1
+# takes 100 us: see the README.)
+_TURN = 0.004
 # While connects keep failing, the maintenance round tries to keep min_size
 # again after a wait that doubles up to this (with jitter): a server that is
 # down gets one attempt now and then from each pool, not min_size a second.
