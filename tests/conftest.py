@@ -213,8 +213,8 @@ def signal_main() -> Any:
     The signal is sent again every 50 ms until the handler has run (it acts
     on the first only). CPython loses a signal that lands after a thread
     released the GIL to block on a lock and before it blocked: the wait
-    goes on to its timeout (seen once in a few hundred runs with both cores
-    busy). A real Ctrl-C there is lost the same way, and pressed again; the
+    goes on to its timeout (seen once in two runs of the suite with both
+    cores busy). A real Ctrl-C there is lost the same way, and pressed again; the
     wait under test still has to end at the next one."""
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signals are delivered to the main thread only")
