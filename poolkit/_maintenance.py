@@ -2,15 +2,17 @@
 so an abandoned pool is still garbage collected and its thread ends.
 
 Once the pool is closed, the thread goes on only while a connection's
-return or ping still waits for its server (see ``Pool._guard``): it cuts
-that connection when its ``ping_timeout`` is up, as it would have in an
-open pool, so that the thread waiting in the driver is not left hanging
-until TCP gives up (``Pool.close`` waits for that, within its timeout)."""
+return or ping still waits for its server (see ``Pool._guarded_wait``):
+it cuts that connection when its ``ping_timeout`` is up, as it would have
+in an open pool, so that the thread waiting in the driver is not left
+hanging until TCP gives up (``Pool.close`` waits for that, within its
+timeout)."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
 from typing import TYPE_CHECKING
 
@@ -37,7 +39,6 @@ def start_maintenance(pool: Pool) -> threading.Thread:
                 logger.exception("pool %r: maintenance round failed", p.name)
             del p
         # closed: cut what still waits for a silent server, then end
-        pause = threading.Event()  # never set: `stop` is
         while (p := ref()) is not None:
             try:
                 due = p._cut_overdue(p._clock())
@@ -48,7 +49,7 @@ def start_maintenance(pool: Pool) -> threading.Thread:
                 logger.exception("pool %r: cutting a connection after close failed", p.name)
                 return
             del p
-            pause.wait(wait)
+            time.sleep(wait)
 
     thread = threading.Thread(target=loop, name=name, daemon=True)
     thread.start()

@@ -1030,19 +1030,17 @@ class Pool:
                 if not self._ping(rec):
                     return "bad"
             if rec.used and self._reset_hook:
-                self._guard(rec)
-                try:
-                    if self._reset_hook is True:
-                        self._driver.reset_session(raw)  # type: ignore[union-attr]
-                        reset = True
-                    else:
-                        reset = self._reset_hook(raw) is not False
-                except Exception as exc:
-                    logger.warning("pool %r: reset_session failed on connection %d: %r", self.name, rec.id, exc)
-                    reset = False
-                finally:
-                    cut = self._unguard(rec)
-                if cut:
+                with self._guarded_wait(rec):
+                    try:
+                        if self._reset_hook is True:
+                            self._driver.reset_session(raw)  # type: ignore[union-attr]
+                            reset = True
+                        else:
+                            reset = self._reset_hook(raw) is not False
+                    except Exception as exc:
+                        logger.warning("pool %r: reset_session failed on connection %d: %r", self.name, rec.id, exc)
+                        reset = False
+                if rec.cut:
                     return "bad"
                 if not reset:
                     return "invalid"
@@ -1055,30 +1053,30 @@ class Pool:
             raise
         return None
 
-    def _guard(self, rec: _Conn) -> None:
-        """The pool is about to wait for ``rec``'s server (a rollback on
-        return, a reset or a ping at checkout), in a driver call that may
-        have no timeout of its own: psycopg's rollback waits for a server
-        that stopped answering until TCP gives up (15 minutes), PyMySQL's
-        for ever. If no answer comes within ``ping_timeout``, the
-        maintenance thread cuts the connection (see :meth:`_cut_overdue`):
-        the driver call fails at once, and the pool discards the
-        connection. Connections with no socket are not guarded."""
-        if rec.fd is not None:
-            with self._lock:
-                self._guarded[rec] = self._clock() + self._ping_timeout
-
-    def _unguard(self, rec: _Conn) -> bool:
-        """The wait for ``rec``'s server is over: True if the pool cut it."""
+    @contextlib.contextmanager
+    def _guarded_wait(self, rec: _Conn) -> Iterator[None]:
+        """Around a wait for ``rec``'s server (a rollback on return, a reset
+        or a ping at checkout) in a driver call that may have no timeout of
+        its own: psycopg's rollback waits for a server that stopped
+        answering until TCP gives up (15 minutes), PyMySQL's for ever. If no
+        answer comes within ``ping_timeout``, the maintenance thread cuts
+        the connection (see :meth:`_cut_overdue`): the driver call fails at
+        once, and ``rec.cut`` tells the caller, after the block, to discard
+        it. Connections with no socket are not guarded."""
         if rec.fd is None:
-            return False
+            yield
+            return
         with self._lock:
-            self._guarded.pop(rec, None)
-            return rec.cut
+            self._guarded[rec] = self._clock() + self._ping_timeout
+        try:
+            yield
+        finally:
+            with self._lock:  # after this, no cut: rec.cut is final
+                self._guarded.pop(rec, None)
 
     def _cut_overdue(self, now: float) -> float | None:
         """Cut the guarded connections whose server has not answered by their
-        deadline (see :meth:`_guard`): shut their socket down, so that the
+        deadline (see :meth:`_guarded_wait`): shut their socket down, so that the
         thread waiting in the driver gets its error. The socket is
         duplicated under the lock, while its owner cannot close it: the
         duplicate keeps the socket itself for the shutdown, not its number,
@@ -1128,18 +1126,17 @@ class Pool:
         drivers that can bound their ping (psycopg, PyMySQL) do, with
         ``ping_timeout``; the others (and a ping hook) are cut then."""
         ok = True
-        self._guard(rec)
-        try:
-            if self._ping_hook is True:
-                self._driver.ping(rec.raw, self._ping_timeout)  # type: ignore[union-attr]
-            elif callable(self._ping_hook) and self._ping_hook(rec.raw) is False:
+        with self._guarded_wait(rec):
+            try:
+                if self._ping_hook is True:
+                    self._driver.ping(rec.raw, self._ping_timeout)  # type: ignore[union-attr]
+                elif callable(self._ping_hook) and self._ping_hook(rec.raw) is False:
+                    ok = False
+            except Exception as exc:
+                logger.warning("pool %r: ping failed on connection %d: %r", self.name, rec.id, exc)
                 ok = False
-        except Exception as exc:
-            logger.warning("pool %r: ping failed on connection %d: %r", self.name, rec.id, exc)
+        if rec.cut:
             ok = False
-        finally:
-            if self._unguard(rec):
-                ok = False
         with self._lock:
             self._pings += 1
             if not ok:
@@ -1168,16 +1165,15 @@ class Pool:
             # not answer it, with nobody left to cut it once the pool is closed)
             reason = "closed" if self._closed else "invalidated"
         if reason is None:
-            self._guard(rec)
             try:
-                reason = self._return_checks(rec, state)
+                with self._guarded_wait(rec):
+                    reason = self._return_checks(rec, state)
             except BaseException:
                 # interrupted in the rollback or is_valid (KeyboardInterrupt): the
                 # connection's state is unknown; close it rather than strand it
-                self._unguard(rec)
                 self._put_back(rec, "bad")
                 raise
-            if self._unguard(rec):
+            if rec.cut:
                 reason = "bad"
         self._put_back(rec, reason)
 

@@ -167,7 +167,7 @@ class Driver:
         """Raise if the connection is not usable. A generic driver gives no
         way to bound the wait, so ``timeout`` is advisory here: the pool
         cuts a connection whose server has not answered by then (see
-        ``Pool._guard``), if it has a socket."""
+        ``Pool._guarded_wait``), if it has a socket."""
         cur = conn.cursor()
         try:
             cur.execute("SELECT 1")
