@@ -382,7 +382,7 @@ class Pool:
         driver: Driver | None = None,
         maintenance_interval: float = 1.0,
         handoff_after: float = 0.05,
-        handoff_streak: int = 32,
+        handoff_streak: int = 16,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not callable(connect):
