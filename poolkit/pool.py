@@ -925,6 +925,18 @@ class Pool:
             raise PoolClosed(f"pool {self.name!r} is closed")
         return None
 
+    def _log_advice(self, raw: Any) -> None:
+        """Log what the driver says about how its first connection was
+        opened (see ``Driver.advice``): once per pool, and never in the way
+        of the connect."""
+        try:
+            advice = self._driver.advice(raw)  # type: ignore[union-attr]
+        except Exception:
+            logger.debug("pool %r: the driver's advice failed", self.name, exc_info=True)
+            return
+        if advice is not None:
+            logger.warning("pool %r: %s", self.name, advice)
+
     def _connect_until(self, deadline: float, quiet: bool = False) -> Any:
         """A new, configured driver connection, retried with backoff while
         the server does not answer; ``PoolTimeout`` at ``deadline``. The
@@ -940,6 +952,7 @@ class Pool:
                 if not self._driver_checked:
                     self._driver.check_config(raw)
                     self._driver_checked = True
+                    self._log_advice(raw)
                 if self._configure is not None:
                     self._configure(raw)
                 return raw

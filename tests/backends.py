@@ -21,6 +21,9 @@ MYSQL_ARGS: dict[str, Any] = {
     "user": os.environ.get("POOLKIT_MYSQL_USER", "root"),
     "password": os.environ.get("POOLKIT_MYSQL_PASSWORD", ""),
     "database": os.environ.get("POOLKIT_MYSQL_DB", "test"),
+    # The server here offers no TLS: without this, PyMySQL loads the CA store
+    # for a context it does not use, 17 ms a connect (see Driver.advice)
+    "ssl_disabled": True,
 }
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -186,3 +186,15 @@ def test_instruction_counts_repeat_and_compare_with_the_floor(capsys: pytest.Cap
     with pytest.raises(SystemExit):
         instructions.main(["--pools", "nosuchpool"])
     assert "unknown pool(s) nosuchpool" in capsys.readouterr().err
+
+
+def test_mariadb_dsn_arguments_are_typed_and_bad_ones_named() -> None:
+    from benchmarks.backends import DEFAULT_MYSQL, _mysql_args
+
+    args = _mysql_args(DEFAULT_MYSQL)
+    assert args["port"] == 3306 and args["ssl_disabled"] is True and args["password"] == ""
+    assert _mysql_args("host=h ssl_disabled=0")["ssl_disabled"] is False
+    with pytest.raises(SystemExit, match="ssl_disabled must be true or false"):
+        _mysql_args("ssl_disabled=maybe")
+    with pytest.raises(SystemExit, match="'host' is not key=value"):
+        _mysql_args("host")

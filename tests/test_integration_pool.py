@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from typing import Any
@@ -238,3 +239,41 @@ def test_100_threads_on_a_pool_of_10_never_open_more_than_10(backend: Any) -> No
         assert peak_server <= 10
         s = pool.stats()
         assert s.acquired == 500 and s.open <= 10
+
+
+def _tls_advice(caplog: Any) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "ssl_disabled=True" in r.getMessage()]
+
+
+def test_pymysql_building_a_tls_context_it_does_not_use_is_reported_once(maria: Any, caplog: Any) -> None:
+    """PyMySQL's default (TLS if the server offers it) loads the CA store on
+    every connect. Against a server that offers no TLS that is CPU spent for
+    nothing on each reconnect; the pool says so, once, with the fix."""
+    import pymysql
+    from pymysql.constants import CLIENT
+
+    from tests.backends import MYSQL_ARGS
+
+    args = {k: v for k, v in MYSQL_ARGS.items() if k != "ssl_disabled"}  # PyMySQL's default
+    probe = pymysql.connect(**args)
+    offers_tls = bool(probe.server_capabilities & CLIENT.SSL)
+    probe.close()
+    caplog.set_level("WARNING", logger="poolkit.pool")
+    with Pool(functools.partial(pymysql.connect, **args), max_size=3, name="tls") as pool:
+        conns = [pool.acquire() for _ in range(3)]  # three connects
+        for c in conns:
+            c.close()
+    advice = _tls_advice(caplog)
+    if offers_tls:  # the context is used: nothing to say
+        assert advice == []
+    else:
+        assert len(advice) == 1
+        assert advice[0].startswith("pool 'tls': PyMySQL built a TLS context")
+
+
+def test_pymysql_with_tls_disabled_gets_no_advice(maria: Any, caplog: Any) -> None:
+    caplog.set_level("WARNING", logger="poolkit.pool")
+    with Pool(maria.connect, max_size=2, name="plain") as pool:
+        with pool.connection() as conn:
+            conn.cursor().execute("SELECT 1")
+    assert _tls_advice(caplog) == []

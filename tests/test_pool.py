@@ -1539,3 +1539,20 @@ def test_only_a_plain_return_takes_the_plain_path(
     conn.close()
     assert bool(slow) is (case != "plain")
     assert pool.stats().idle == (0 if case in ("bad", "invalidated") else 1)
+
+
+def test_pymysql_advice_names_a_tls_context_built_for_nothing() -> None:
+    """The rule behind the PyMySQL advice, on unconnected connections: only
+    its default ("preferred") TLS on a connection that did not use TLS."""
+    pymysql = pytest.importorskip("pymysql")
+    from poolkit.drivers.pymysql import DRIVER
+
+    def conn(**kw: Any) -> Any:
+        return pymysql.connect(host="127.0.0.1", defer_connect=True, **kw)
+
+    assert "ssl_disabled=True" in (DRIVER.advice(conn()) or "")
+    assert DRIVER.advice(conn(ssl_disabled=True)) is None
+    assert DRIVER.advice(conn(ssl_verify_cert=False, ssl_ca=None, ssl_verify_identity=True)) is None  # required
+    secure = conn()
+    secure._secure = True  # what PyMySQL sets once the server took TLS
+    assert DRIVER.advice(secure) is None

@@ -189,6 +189,12 @@ class Driver:
         """Called once per pool on its first connection; raise ValueError
         for a connection that a pool cannot share across threads."""
 
+    def advice(self, conn: Any) -> str | None:
+        """Called once per pool on its first connection: what in the way it
+        was opened costs the pool dearly, and what to do instead; the pool
+        logs it at WARNING. None: nothing to say."""
+        return None
+
     def begin(self, conn: Any) -> None:
         """Make sure what follows runs in one transaction. DB-API drivers
         open one implicitly, unless the connection is in autocommit mode."""
@@ -322,6 +328,10 @@ class DelegatingDriver(Driver):
     def check_config(self, conn: Any) -> None:
         raw, d = self._inner(conn)
         d.check_config(raw)
+
+    def advice(self, conn: Any) -> str | None:
+        raw, d = self._inner(conn)
+        return d.advice(raw)
 
     def placeholder(self, conn: Any) -> str:
         raw, d = self._inner(conn)

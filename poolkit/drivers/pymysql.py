@@ -98,6 +98,21 @@ class PyMySQLDriver(Driver):
     def is_broken(self, conn: Any) -> bool:
         return conn._sock is None
 
+    def advice(self, conn: Any) -> str | None:
+        # PyMySQL 1.2 asks for TLS when it may ("preferred", its default with
+        # no ssl_* argument): each connect builds a new default context, which
+        # loads the system's CA store (about 17 ms of CPU here, with the GIL
+        # held), even where the server offers no TLS and it goes unused.
+        preferred = getattr(conn, "ssl", False) and not getattr(conn, "_ssl_required", True)
+        if preferred and not getattr(conn, "_secure", False):
+            return (
+                "PyMySQL built a TLS context for this connection (its default: TLS if the server "
+                "offers it) and the server offered none: every connect spends about 15-20 ms of CPU, "
+                "with the GIL held, loading CA certificates it does not use, and reconnects after a "
+                "failover queue behind one another; pass ssl_disabled=True to pymysql.connect"
+            )
+        return None
+
     def classify_one(self, exc: BaseException) -> tuple[str, str] | None:
         if isinstance(exc, pymysql.err.Error) and exc.args:
             code = exc.args[0]
