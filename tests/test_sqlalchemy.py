@@ -291,3 +291,25 @@ def test_a_failover_creator_moves_off_a_demoted_primary(pg: Any, tmp_path: Any) 
         assert opened[-1] == "new" and opened.count("old") == 1  # refused once, then the next node
     finally:
         eng.dispose()
+
+
+def test_the_pymysql_tls_advice_reaches_engine_users_and_connect_args_silence_it(
+    maria: Any, tmp_path: Any, caplog: Any
+) -> None:
+    """Through SQLAlchemy's connection records (the delegating driver): the
+    advice names the connect_args that silence it, and they do."""
+    from pymysql.constants import CLIENT
+
+    offers_tls = bool(maria.admin.server_capabilities & CLIENT.SSL)  # then the context is used: no advice
+    caplog.set_level("WARNING", logger="poolkit.pool")
+    url = url_for(maria, tmp_path) + "?plugin=poolkit"
+    for connect_args, expected in (({}, 0 if offers_tls else 1), ({"ssl_disabled": True}, 0)):
+        caplog.clear()
+        eng = create_engine(url, connect_args=connect_args)
+        try:
+            with eng.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        finally:
+            eng.dispose()
+        advice = [r.getMessage() for r in caplog.records if "connect_args={'ssl_disabled': True}" in r.getMessage()]
+        assert len(advice) == expected, (connect_args, caplog.text)

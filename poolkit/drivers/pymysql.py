@@ -109,7 +109,8 @@ class PyMySQLDriver(Driver):
                 "PyMySQL built a TLS context for this connection (its default: TLS if the server "
                 "offers it) and the server offered none: every connect spends about 15-20 ms of CPU, "
                 "with the GIL held, loading CA certificates it does not use, and reconnects after a "
-                "failover queue behind one another; pass ssl_disabled=True to pymysql.connect"
+                "failover queue behind one another; pass ssl_disabled=True to pymysql.connect "
+                "(SQLAlchemy: connect_args={'ssl_disabled': True})"
             )
         return None
 
