@@ -29,13 +29,35 @@ def start_maintenance(pool: Pool) -> threading.Thread:
     name = f"poolkit-maintenance-{pool.name}"
 
     def loop() -> None:
-        while not stop.wait(interval):
+        # A round every interval; in between, a wake at the deadline of the
+        # earliest guarded wait (see Pool._guarded_wait), so that a cut comes
+        # on time, not at the next round. A wait guarded after the thread went
+        # to sleep falls due after its next wake as long as ping_timeout is no
+        # shorter than the interval (the defaults: 5 s and 1 s); if it is, the
+        # cut may come up to one interval late.
+        next_round = time.monotonic() + interval
+        due: float | None = None  # on the pool's clock
+        while True:
+            wait = next_round - time.monotonic()
+            if due is not None:
+                p = ref()
+                if p is None:
+                    break
+                wait = min(wait, due - p._clock())
+                del p
+            if stop.wait(max(0.0, wait)):
+                break
             p = ref()
             if p is None or p.closed:
                 break
             try:
-                p._maintain()
+                if time.monotonic() >= next_round:
+                    next_round = time.monotonic() + interval
+                    due = p._maintain()
+                else:
+                    due = p._cut_overdue(p._clock())
             except Exception:
+                due = None
                 logger.exception("pool %r: maintenance round failed", p.name)
             del p
         # closed: cut what still waits for a silent server, then end

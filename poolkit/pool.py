@@ -1523,15 +1523,17 @@ class Pool:
 
     # ----------------------------------------------------------- maintenance
 
-    def _maintain(self) -> None:
+    def _maintain(self) -> float | None:
         """One round of housekeeping (the maintenance thread calls it every
         ``maintenance_interval``): close idle connections past their idle
-        time or lifetime, reclaim dropped proxies, log leaks, keep min_size."""
+        time or lifetime, cut overdue waits, reclaim dropped proxies, log
+        leaks, keep min_size. Returns the earliest deadline of a guarded
+        wait still to come (see :meth:`_cut_overdue`)."""
         now = self._clock()
         closing: list[tuple[_Conn, str]] = []
         with self._lock:
             if self._closed:
-                return
+                return None
             keep: list[_Conn] = []
             for rec in self._idle:
                 if now >= rec.expires_at:
@@ -1550,7 +1552,7 @@ class Pool:
             missing = 0 if self._closed or now < self._fill_after else max(0, self._min_size - self._open)
             self._open += missing
             self._opening += missing
-        self._cut_overdue(now)
+        due = self._cut_overdue(now)
         self._reclaim_orphans()
         for rec in leak_check:
             self._check_leak(rec, now)
@@ -1569,6 +1571,7 @@ class Pool:
                         self._release_slot_locked()
                 raise
             filler.join(_bounded(self._maintenance_interval))
+        return due
 
     def _fill(self, missing: int) -> None:
         """Open ``missing`` connections in the slots the maintenance round

@@ -186,6 +186,41 @@ def test_a_connection_returned_only_to_be_closed_is_not_rolled_back_first(
 
 
 @pytest.mark.timing
+def test_the_cut_comes_at_the_deadline_not_at_the_next_round(server: fakedb.Server, monkeypatch: Any) -> None:
+    # The wait is guarded just after a maintenance round: its deadline
+    # (0.6 s) falls between the next round (0.5 s) and the one after (1.0 s).
+    # The thread wakes for the deadline itself, not only for its rounds.
+    rounds = threading.Event()
+    maintain = Pool._maintain
+
+    def counted(self: Pool) -> Any:
+        try:
+            return maintain(self)
+        finally:
+            rounds.set()
+
+    monkeypatch.setattr(Pool, "_maintain", counted)
+    pool = Pool(server.connect, max_size=1, ping_timeout=0.6, maintenance_interval=0.5, name="on-time")
+    try:
+        conn = pool.acquire()
+        conn.cursor().execute("INSERT 1")
+        raw = conn.driver_connection
+        server.rollback_hangs = True
+        rounds.clear()
+        assert rounds.wait(5), "no maintenance round"
+        start = time.monotonic()
+        t = closing_in_thread(conn)
+        t.join(5)
+        took = time.monotonic() - start
+        assert not t.is_alive(), "the return still waits for the server"
+        assert 0.6 <= took < 0.85, took  # the next round would cut it at 1.0 s
+        assert raw.closed and pool.stats().cuts == 1
+    finally:
+        server.rollback_hangs = False
+        pool.close(timeout=1)
+
+
+@pytest.mark.timing
 def test_a_return_hung_when_the_pool_is_closed_is_still_cut(server: fakedb.Server) -> None:
     # The rollback began before close(): the maintenance thread, stopped by
     # close(), goes on cutting until no connection is guarded, and close()
