@@ -11,7 +11,9 @@ What ``pool.run`` retries, by the category of the error (see
 - ``AMBIGUOUS`` (the commit may have been applied): when the work is
   ``idempotent=True``, or when it carries a ``request_id``: each attempt
   first inserts the id into the ledger, in the work's transaction, and
-  returns without running the work if that finds the id committed.
+  returns without running the work if that finds the id committed. An
+  insert that waits for another transaction holding the id stops at the
+  deadline (:func:`ledger_wait`), raising ``AmbiguousCommitError``.
 - ``PERMANENT``: never.
 
 Retries are bounded by a count and by a deadline, with exponential backoff
@@ -30,6 +32,7 @@ import logging
 import math
 import os
 import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -40,6 +43,7 @@ from poolkit.classify import Category
 from poolkit.errors import AmbiguousCommitError, PoolError
 
 if TYPE_CHECKING:
+    from poolkit.drivers import Driver
     from poolkit.pool import Pool, PooledConnection
 
 __all__ = ["RETRY_ENV", "Ledger", "Retry"]
@@ -159,13 +163,29 @@ class Ledger:
         conn.rollback()
         return found
 
-    def record(self, conn: PooledConnection, request_id: str) -> None:
+    def insert_sql(self, driver: Driver, raw: Any, request_id: str, lock_wait: float | None) -> tuple[str, Any]:
+        """The ledger's INSERT for ``request_id`` and its parameters (None:
+        run it with none), its wait for a lock bounded to ``lock_wait``
+        seconds where the driver knows how (see :func:`ledger_wait`)."""
+        sql = f"INSERT INTO {self.table} (request_id) VALUES ({driver.placeholder(raw)})"
+        if lock_wait is not None:
+            bounded = driver.bound_lock_wait(raw, sql, (request_id,), lock_wait)
+            if bounded is not None:
+                return bounded
+        return sql, (request_id,)
+
+    def record(self, conn: PooledConnection, request_id: str, lock_wait: float | None = None) -> None:
         """Insert the id, in the caller's transaction. Raises the driver's
-        IntegrityError when the id is there already."""
-        ph = conn.pool._driver.placeholder(conn.driver_connection)  # type: ignore[union-attr]
+        IntegrityError when the id is there already, and its lock-timeout
+        error when another transaction holds the id longer than
+        ``lock_wait`` seconds (None: as long as the server lets it)."""
+        sql, params = self.insert_sql(conn.pool._driver, conn.driver_connection, request_id, lock_wait)  # type: ignore[arg-type]
         cur = conn.cursor()
         try:
-            cur.execute(f"INSERT INTO {self.table} (request_id) VALUES ({ph})", (request_id,))
+            if params is None:
+                cur.execute(sql)
+            else:
+                cur.execute(sql, params)
         finally:
             cur.close()
 
@@ -269,6 +289,32 @@ def _is_integrity_error(exc: BaseException) -> bool:
     return any(cls.__name__ == "IntegrityError" for cls in type(exc).__mro__)
 
 
+#: the shortest a ledger insert waits for another transaction that holds its
+#: id: one still running ends in milliseconds
+MIN_LEDGER_WAIT = 1.0
+
+
+def ledger_wait(policy: Retry, started: float) -> float | None:
+    """How long an attempt that started its call at ``started`` (monotonic)
+    lets its ledger insert wait for another transaction holding the id: until
+    the budget's deadline, and at least :data:`MIN_LEDGER_WAIT`. None: no
+    deadline, no bound. Without one the wait lasts as long as the server
+    keeps that transaction open, hours after a network partition."""
+    if math.isinf(policy.deadline):
+        return None
+    return max(policy.deadline - (time.monotonic() - started), MIN_LEDGER_WAIT)
+
+
+def ledger_held(request_id: str, waited: float) -> AmbiguousCommitError:
+    """What to raise (from the driver's lock timeout) when the ledger insert
+    for ``request_id`` gave up waiting after ``waited`` seconds."""
+    return AmbiguousCommitError(
+        f"request {request_id!r}: another transaction held its id for {waited:.1f}s and is still open "
+        "(an earlier attempt whose connection was lost, typically): whether that work commits is "
+        "unknown until the server ends it; ask pool.ledger.committed() later, or call again with the same id"
+    )
+
+
 def run(
     pool: Pool,
     fn: Callable[[PooledConnection], T],
@@ -293,6 +339,7 @@ def run(
         state.failed(c.category)
         return safe_to_retry(c.category, state.stage, idempotent=idempotent, request_id=request_id)
 
+    started = time.monotonic()
     retrying = make_retrying(policy, should_retry, lambda rs: _log_retry(pool, policy, state.stage, rs), state)
     for attempt in retrying:
         with attempt:
@@ -314,9 +361,13 @@ def run(
                     # (after waiting for one still in flight) and the work never
                     # runs; otherwise the row commits with the work, or not at all.
                     assert request_id is not None
+                    lock_wait = ledger_wait(policy, started)
+                    began = time.monotonic()
                     try:
-                        ledger.record(conn, request_id)
+                        ledger.record(conn, request_id, lock_wait)
                     except Exception as exc:
+                        if pool.classify(exc).reason == "lock_timeout":
+                            raise ledger_held(request_id, time.monotonic() - began) from exc
                         if not _is_integrity_error(exc):
                             raise
                         conn.rollback()
@@ -327,7 +378,8 @@ def run(
                 conn.commit()
                 return result
             except BaseException as exc:
-                conn._notice(exc, during_commit=state.stage == "commit")
+                if not isinstance(exc, AmbiguousCommitError):  # the ledger's, or commit()'s (noticed already)
+                    conn._notice(exc, during_commit=state.stage == "commit")
                 if state.stage != "commit" and not conn.closed:
                     with contextlib.suppress(Exception):
                         conn.rollback()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -33,10 +34,10 @@ from sqlalchemy.pool import Pool as SAPool
 from sqlalchemy.pool.base import _ConnectionRecord
 
 from poolkit.classify import Category, classify
-from poolkit.drivers import DelegatingDriver
+from poolkit.drivers import DelegatingDriver, driver_for_connection
 from poolkit.errors import AmbiguousCommitError, PoolError, PoolTimeout
 from poolkit.pool import Pool, PooledConnection
-from poolkit.retry import Retry, _Attempt, _policy_from, make_retrying, safe_to_retry
+from poolkit.retry import Retry, _Attempt, _policy_from, ledger_held, ledger_wait, make_retrying, safe_to_retry
 
 __all__ = ["PoolkitPlugin", "PoolkitPool", "instrument", "run"]
 
@@ -310,21 +311,32 @@ def run(
             rs.upcoming_sleep,
         )
 
-    def ledger_sql(sql: str) -> Any:
-        assert ledger is not None
-        return text(sql.format(table=ledger.table))
-
     def first_claim(target: Any) -> bool:
         """Insert the id first, in the work's transaction (see pool.run):
-        False when an earlier attempt or call committed it already."""
+        False when an earlier attempt or call committed it already. Its
+        wait for another transaction holding the id ends at the budget's
+        deadline (see poolkit.retry.ledger_wait)."""
+        assert ledger is not None and request_id is not None
+        sa_conn = target.connection() if is_session else target
+        raw = sa_conn.connection.driver_connection
+        sql, params = ledger.insert_sql(driver_for_connection(raw), raw, request_id, ledger_wait(policy, started))
+        began = time.monotonic()
         try:
-            target.execute(ledger_sql("INSERT INTO {table} (request_id) VALUES (:rid)"), {"rid": request_id})
-        except exc.IntegrityError:
+            if params is None:  # bound into the text: no parameters, or the driver would look for markers
+                sa_conn.exec_driver_sql(sql, execution_options={"no_parameters": True})
+            else:
+                sa_conn.exec_driver_sql(sql, params)
+        except exc.DBAPIError as e:
+            if classify(e).reason == "lock_timeout":
+                raise ledger_held(request_id, time.monotonic() - began) from e
+            if not isinstance(e, exc.IntegrityError):
+                raise
             target.rollback()
             logger.info("engine: request %r already committed; not run again", request_id)
             return False
         return True
 
+    started = time.monotonic()
     for attempt in make_retrying(policy, should_retry, before_sleep, state):
         with attempt:
             state.stage = "checkout"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -232,6 +234,48 @@ def test_retry_helper_retries_idempotent_core_work_a_lost_connection_at_once_a_s
         with pytest.raises(TypeError, match="Engine or a sessionmaker"):
             pksa.run("nope", read)
     finally:
+        eng.dispose()
+
+
+def test_a_ledger_insert_gives_up_at_the_deadline_through_the_plugin(net_backend: Any, tmp_path: Any) -> None:
+    # pksa.run bounds the ledger insert's wait as pool.run does (see
+    # test_integration_errors): a transaction holding the id, left open by a
+    # partitioned attempt, costs the call its deadline, not hours.
+    eng = create_engine(url_for(net_backend, tmp_path) + "?plugin=poolkit")
+    ledger = f"ledger_sa_held_{next(_ids)}"
+    show = "SHOW lock_timeout" if net_backend.name == "postgresql" else "SELECT @@innodb_lock_wait_timeout"
+    budget = poolkit.Retry(attempts=3, deadline=1.5, initial_backoff=0.01, max_backoff=0.02)
+    holder = net_backend.connect()
+    rollback = threading.Timer(20, holder.rollback)  # without the bound the call would wait for this
+    seen: list[Any] = []
+
+    def work(conn: Any) -> str:
+        bind = conn.connection() if isinstance(conn, Session) else conn
+        seen.append(bind.exec_driver_sql(show).scalar())
+        return "done"
+
+    try:
+        with eng.begin() as c:
+            c.execute(text(poolkit.Ledger(ledger).create_sql))
+            before = c.exec_driver_sql(show).scalar()
+        cur = holder.cursor()
+        cur.execute(f"INSERT INTO {ledger} (request_id) VALUES (%s)", ("sa-7",))  # uncommitted
+        rollback.start()
+        for bind in (eng, sessionmaker(eng)):
+            start = time.monotonic()
+            with pytest.raises(poolkit.AmbiguousCommitError, match="sa-7") as info:
+                pksa.run(bind, work, request_id="sa-7", ledger_table=ledger, retry=budget)
+            assert 1.0 <= time.monotonic() - start < 5.0
+            assert poolkit.classify(info.value.__cause__).reason == "lock_timeout"
+        assert seen == []
+        holder.rollback()
+        assert pksa.run(eng, work, request_id="sa-7", ledger_table=ledger, retry=budget) == "done"
+        assert seen == [before]  # the session's own lock timeout, after the bounded insert
+    finally:
+        rollback.cancel()
+        holder.close()
+        with eng.begin() as c:
+            c.execute(text(f"DROP TABLE IF EXISTS {ledger}"))
         eng.dispose()
 
 
