@@ -118,6 +118,7 @@ class _Conn:
         "ticket",
         "turn_mark",
         "used",
+        "waiting_for",
     )
 
     def __init__(
@@ -164,6 +165,7 @@ class _Conn:
         # its socket (Driver.socket_fd), for Pool._cut_overdue; None: none to cut
         self.fd: int | None = None
         self.cut = False  # the pool cut it: its server did not answer a rollback, reset or ping
+        self.waiting_for = ""  # a guarded wait's reason to be cut, for the log (see Pool._guarded_wait)
         self.checked_out_at = 0.0
         self.stack: list[traceback.FrameSummary] | None = None
         self.leak_logged = False
@@ -1067,25 +1069,30 @@ class Pool:
         return None
 
     @contextlib.contextmanager
-    def _guarded_wait(self, rec: _Conn) -> Iterator[None]:
+    def _guarded_wait(self, rec: _Conn, timeout: float | None = None, what: str = "") -> Iterator[None]:
         """Around a wait for ``rec``'s server (a rollback on return, a reset
         or a ping at checkout) in a driver call that may have no timeout of
         its own: psycopg's rollback waits for a server that stopped
         answering until TCP gives up (15 minutes), PyMySQL's for ever. If no
-        answer comes within ``ping_timeout``, the maintenance thread cuts
-        the connection (see :meth:`_cut_overdue`): the driver call fails at
-        once, and ``rec.cut`` tells the caller, after the block, to discard
-        it. Connections with no socket are not guarded."""
+        answer comes within ``timeout`` (``ping_timeout`` if None), the
+        maintenance thread cuts the connection (see :meth:`_cut_overdue`):
+        the driver call fails at once, and ``rec.cut`` tells the caller,
+        after the block, to discard it. ``what``: the wait, for the log
+        (the rollback, reset or ping if empty). Connections with no socket
+        are not guarded."""
         if rec.fd is None:
             yield
             return
         with self._lock:
-            self._guarded[rec] = self._clock() + self._ping_timeout
+            self._guarded[rec] = self._clock() + (self._ping_timeout if timeout is None else timeout)
+            if what:
+                rec.waiting_for = what
         try:
             yield
         finally:
             with self._lock:  # after this, no cut: rec.cut is final
                 self._guarded.pop(rec, None)
+                rec.waiting_for = ""
 
     def _cut_overdue(self, now: float) -> float | None:
         """Cut the guarded connections whose server has not answered by their
@@ -1098,7 +1105,7 @@ class Pool:
         Returns the earliest deadline still to come, or None if no
         connection is guarded (the maintenance thread of a closed pool runs
         until then: see ``_maintenance``)."""
-        cut: list[tuple[_Conn, int]] = []
+        cut: list[tuple[_Conn, int, str]] = []
         with self._lock:
             for rec, deadline in list(self._guarded.items()):
                 if now >= deadline:
@@ -1106,16 +1113,19 @@ class Pool:
                     rec.cut = True
                     self._cuts += 1
                     with contextlib.suppress(OSError):  # closed already
-                        cut.append((rec, os.dup(rec.fd)))  # type: ignore[arg-type]
+                        cut.append((rec, os.dup(rec.fd), rec.waiting_for))  # type: ignore[arg-type]
             next_due = min(self._guarded.values(), default=None)
-        for rec, fd in cut:
-            logger.warning(
-                "pool %r: connection %d: its server did not answer the pool's rollback, reset or ping "
-                "within ping_timeout (%gs); cutting it",
-                self.name,
-                rec.id,
-                self._ping_timeout,
-            )
+        for rec, fd, what in cut:
+            if what:
+                logger.warning("pool %r: connection %d: %s; cutting it", self.name, rec.id, what)
+            else:
+                logger.warning(
+                    "pool %r: connection %d: its server did not answer the pool's rollback, reset or ping "
+                    "within ping_timeout (%gs); cutting it",
+                    self.name,
+                    rec.id,
+                    self._ping_timeout,
+                )
             try:
                 sock = socket.socket(fileno=fd)
             except OSError:  # not a socket after all

@@ -12,8 +12,8 @@ What ``pool.run`` retries, by the category of the error (see
   ``idempotent=True``, or when it carries a ``request_id``: each attempt
   first inserts the id into the ledger, in the work's transaction, and
   returns without running the work if that finds the id committed. An
-  insert that waits for another transaction holding the id stops at the
-  deadline (:func:`ledger_wait`), raising ``AmbiguousCommitError``.
+  insert still waiting for another transaction holding the id at the
+  deadline is cut off (:func:`ledger_wait`): ``AmbiguousCommitError``.
 - ``PERMANENT``: never.
 
 Retries are bounded by a count and by a deadline, with exponential backoff
@@ -43,8 +43,7 @@ from poolkit.classify import Category
 from poolkit.errors import AmbiguousCommitError, PoolError
 
 if TYPE_CHECKING:
-    from poolkit.drivers import Driver
-    from poolkit.pool import Pool, PooledConnection
+    from poolkit.pool import Pool, PooledConnection, _Conn
 
 __all__ = ["RETRY_ENV", "Ledger", "Retry"]
 
@@ -163,29 +162,13 @@ class Ledger:
         conn.rollback()
         return found
 
-    def insert_sql(self, driver: Driver, raw: Any, request_id: str, lock_wait: float | None) -> tuple[str, Any]:
-        """The ledger's INSERT for ``request_id`` and its parameters (None:
-        run it with none), its wait for a lock bounded to ``lock_wait``
-        seconds where the driver knows how (see :func:`ledger_wait`)."""
-        sql = f"INSERT INTO {self.table} (request_id) VALUES ({driver.placeholder(raw)})"
-        if lock_wait is not None:
-            bounded = driver.bound_lock_wait(raw, sql, (request_id,), lock_wait)
-            if bounded is not None:
-                return bounded
-        return sql, (request_id,)
-
-    def record(self, conn: PooledConnection, request_id: str, lock_wait: float | None = None) -> None:
+    def record(self, conn: PooledConnection, request_id: str) -> None:
         """Insert the id, in the caller's transaction. Raises the driver's
-        IntegrityError when the id is there already, and its lock-timeout
-        error when another transaction holds the id longer than
-        ``lock_wait`` seconds (None: as long as the server lets it)."""
-        sql, params = self.insert_sql(conn.pool._driver, conn.driver_connection, request_id, lock_wait)  # type: ignore[arg-type]
+        IntegrityError when the id is there already."""
+        ph = conn.pool._driver.placeholder(conn.driver_connection)  # type: ignore[union-attr]
         cur = conn.cursor()
         try:
-            if params is None:
-                cur.execute(sql)
-            else:
-                cur.execute(sql, params)
+            cur.execute(f"INSERT INTO {self.table} (request_id) VALUES ({ph})", (request_id,))
         finally:
             cur.close()
 
@@ -305,13 +288,27 @@ def ledger_wait(policy: Retry, started: float) -> float | None:
     return max(policy.deadline - (time.monotonic() - started), MIN_LEDGER_WAIT)
 
 
+def guard_ledger_insert(
+    pool: Pool | None, rec: _Conn | None, lock_wait: float | None, request_id: str
+) -> contextlib.AbstractContextManager[None]:
+    """Around the ledger insert on ``rec``, a connection of ``pool``: cut it
+    if its server has not answered after ``lock_wait`` seconds (see
+    ``Pool._guarded_wait``); ``rec.cut`` tells afterwards. Nothing to do
+    without a pool, a connection or a bound."""
+    if pool is None or rec is None or lock_wait is None:
+        return contextlib.nullcontext()
+    return pool._guarded_wait(rec, lock_wait, f"request {request_id!r}: no answer to the ledger insert")
+
+
 def ledger_held(request_id: str, waited: float) -> AmbiguousCommitError:
-    """What to raise (from the driver's lock timeout) when the ledger insert
-    for ``request_id`` gave up waiting after ``waited`` seconds."""
+    """What to raise (from the driver's error) when the ledger insert for
+    ``request_id`` was given up after ``waited`` seconds."""
     return AmbiguousCommitError(
-        f"request {request_id!r}: another transaction held its id for {waited:.1f}s and is still open "
-        "(an earlier attempt whose connection was lost, typically): whether that work commits is "
-        "unknown until the server ends it; ask pool.ledger.committed() later, or call again with the same id"
+        f"request {request_id!r}: the ledger insert had no answer after {waited:.1f}s: another "
+        "transaction holds the id (an earlier attempt whose connection was lost, typically, which "
+        "the server has not ended yet) or the server does not answer. Whether work under this id "
+        "commits is unknown until that transaction ends: ask pool.ledger.committed() later, or "
+        "call again with the same id"
     )
 
 
@@ -361,12 +358,19 @@ def run(
                     # (after waiting for one still in flight) and the work never
                     # runs; otherwise the row commits with the work, or not at all.
                     assert request_id is not None
+                    # Bounded: after a network partition the server keeps the
+                    # lost attempt's transaction, which holds the id, open for
+                    # hours. At the deadline the pool cuts this connection (an
+                    # insert waiting on a lock has nothing of ours to lose).
                     lock_wait = ledger_wait(policy, started)
+                    rec = conn._rec
+                    assert rec is not None
                     began = time.monotonic()
                     try:
-                        ledger.record(conn, request_id, lock_wait)
+                        with guard_ledger_insert(pool, rec, lock_wait, request_id):
+                            ledger.record(conn, request_id)
                     except Exception as exc:
-                        if pool.classify(exc).reason == "lock_timeout":
+                        if rec.cut or pool.classify(exc).reason == "lock_timeout":
                             raise ledger_held(request_id, time.monotonic() - began) from exc
                         if not _is_integrity_error(exc):
                             raise

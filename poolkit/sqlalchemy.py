@@ -34,10 +34,19 @@ from sqlalchemy.pool import Pool as SAPool
 from sqlalchemy.pool.base import _ConnectionRecord
 
 from poolkit.classify import Category, classify
-from poolkit.drivers import DelegatingDriver, driver_for_connection
+from poolkit.drivers import DelegatingDriver
 from poolkit.errors import AmbiguousCommitError, PoolError, PoolTimeout
 from poolkit.pool import Pool, PooledConnection
-from poolkit.retry import Retry, _Attempt, _policy_from, ledger_held, ledger_wait, make_retrying, safe_to_retry
+from poolkit.retry import (
+    Retry,
+    _Attempt,
+    _policy_from,
+    guard_ledger_insert,
+    ledger_held,
+    ledger_wait,
+    make_retrying,
+    safe_to_retry,
+)
 
 __all__ = ["PoolkitPlugin", "PoolkitPool", "instrument", "run"]
 
@@ -313,21 +322,22 @@ def run(
 
     def first_claim(target: Any) -> bool:
         """Insert the id first, in the work's transaction (see pool.run):
-        False when an earlier attempt or call committed it already. Its
-        wait for another transaction holding the id ends at the budget's
-        deadline (see poolkit.retry.ledger_wait)."""
+        False when an earlier attempt or call committed it already. On a
+        poolkit engine its wait for another transaction holding the id ends
+        at the budget's deadline, as in pool.run (see poolkit.retry.ledger_wait)."""
         assert ledger is not None and request_id is not None
-        sa_conn = target.connection() if is_session else target
-        raw = sa_conn.connection.driver_connection
-        sql, params = ledger.insert_sql(driver_for_connection(raw), raw, request_id, ledger_wait(policy, started))
+        lock_wait = ledger_wait(policy, started)
+        pool, rec = None, None
+        if lock_wait is not None and isinstance(engine.pool, PoolkitPool):
+            fairy = (target.connection() if is_session else target).connection
+            proxy = engine.pool._checked_out.get(fairy._connection_record)
+            pool, rec = engine.pool.poolkit, (proxy._rec if proxy is not None else None)
         began = time.monotonic()
         try:
-            if params is None:  # bound into the text: no parameters, or the driver would look for markers
-                sa_conn.exec_driver_sql(sql, execution_options={"no_parameters": True})
-            else:
-                sa_conn.exec_driver_sql(sql, params)
+            with guard_ledger_insert(pool, rec, lock_wait, request_id):
+                target.execute(text(f"INSERT INTO {ledger.table} (request_id) VALUES (:rid)"), {"rid": request_id})
         except exc.DBAPIError as e:
-            if classify(e).reason == "lock_timeout":
+            if (rec is not None and rec.cut) or classify(e).reason == "lock_timeout":
                 raise ledger_held(request_id, time.monotonic() - began) from e
             if not isinstance(e, exc.IntegrityError):
                 raise

@@ -688,68 +688,85 @@ def test_a_second_call_with_the_same_id_waits_for_the_first_and_never_runs_the_w
         pg.execute(f"DROP TABLE IF EXISTS {ledger}")
 
 
-# the session's own lock timeout, which the ledger's bounded insert must leave as it found it
-_LOCK_SETTING = {
-    "postgresql": ("SET lock_timeout = '7s'", "SHOW lock_timeout", "7s"),
-    "mariadb": ("SET SESSION innodb_lock_wait_timeout = 7", "SELECT @@innodb_lock_wait_timeout", 7),
-}
-
-
-def test_a_ledger_insert_gives_up_at_the_deadline_on_a_transaction_that_holds_its_id(
-    net_backend: Any, table: str
+def test_a_ledger_insert_is_cut_at_the_deadline_when_a_transaction_holds_its_id(
+    net_backend: Any, table: str, caplog: Any
 ) -> None:
     # After a network partition the server keeps the lost attempt's
     # transaction open, holding its id's ledger row, until it gives up on the
     # client: hours. Another attempt with the same id must stop waiting at
-    # its budget's deadline, say that the outcome is unknown, not run the
-    # work, and leave the session's lock timeout as it was.
+    # its budget's deadline, say that the outcome is unknown, and not run the
+    # work; then, once that transaction is gone, the id works as ever.
     ledger = f"ledger_held_{net_backend.name}"
     net_backend.execute(f"DROP TABLE IF EXISTS {ledger}")
-    set_sql, show_sql, session_value = _LOCK_SETTING[net_backend.name]
-
-    def configure(raw: Any) -> None:
-        cur = raw.cursor()
-        cur.execute(set_sql)
-        cur.close()
-        raw.commit()
-
-    seen: list[Any] = []
+    calls: list[str] = []
 
     def work(conn: Any) -> str:
-        cur = conn.cursor()
-        cur.execute(show_sql)
-        seen.append(cur.fetchone()[0])
-        cur.execute(f"INSERT INTO {table} (id, v) VALUES (1, 'x')")
+        calls.append("run")
+        conn.cursor().execute(f"INSERT INTO {table} (id, v) VALUES (1, 'x')")
         return "done"
 
     holder = net_backend.connect()  # stands for the partitioned attempt
     rollback = threading.Timer(20, holder.rollback)  # without the bound the call would wait for this
     budget = Retry(attempts=3, deadline=1.5, initial_backoff=0.01, max_backoff=0.02)
     try:
-        with Pool(net_backend.connect, max_size=1, ledger_table=ledger, retry=budget, configure=configure) as pool:
+        with Pool(net_backend.connect, max_size=2, ledger_table=ledger, retry=budget) as pool:
             with pool.connection() as conn:
                 pool.ledger.ensure(conn)
             cur = holder.cursor()
             cur.execute(f"INSERT INTO {ledger} (request_id) VALUES (%s)", ("order-7",))  # uncommitted
             rollback.start()
             start = time.monotonic()
-            with pytest.raises(AmbiguousCommitError, match="order-7") as info:
+            with pytest.raises(AmbiguousCommitError, match="order-7"):
                 pool.run(work, request_id="order-7")
             elapsed = time.monotonic() - start
-            assert 1.0 <= elapsed < 5.0, elapsed  # the deadline (MariaDB counts whole seconds: 2)
-            assert classify(info.value.__cause__).reason == "lock_timeout"
-            assert seen == []  # the work never ran
-            assert pool.stats().closed == 0  # a lock timeout says nothing against the connection
+            assert 1.4 <= elapsed < 3.5, elapsed  # the deadline, and the maintenance thread's wake
+            assert calls == []  # the work never ran
+            assert pool.stats().cuts == 1  # the waiting connection was cut, and closed
+            assert pool.stats().closed_bad == 1
+            assert "no answer to the ledger insert" in caplog.text
 
             holder.rollback()  # the server ends the lost attempt's transaction: nothing committed
             assert pool.run(work, request_id="order-7") == "done"
-            assert seen == [session_value]  # after the bounded insert, the session's own value
             assert pool.run(work, request_id="order-7") is None
+            assert calls == ["run"]
         assert count(net_backend, table) == 1
     finally:
         rollback.cancel()
         holder.close()
         net_backend.execute(f"DROP TABLE IF EXISTS {ledger}")
+
+
+def test_a_ledger_insert_ended_by_the_servers_lock_timeout_keeps_its_connection(pg: Any, table: str) -> None:
+    # A lock timeout of the server's own (here the session's lock_timeout)
+    # ends the wait before the deadline: the outcome is as unknown, but the
+    # connection is fine; each attempt meets it, until the budget is spent.
+    ledger = "ledger_lock_timeout"
+    pg.execute(f"DROP TABLE IF EXISTS {ledger}")
+
+    def configure(raw: Any) -> None:
+        raw.execute("SET lock_timeout = '300ms'")
+        raw.commit()
+
+    holder = pg.connect()
+    budget = Retry(attempts=2, deadline=10, initial_backoff=0.01, max_backoff=0.02)
+    try:
+        with Pool(pg.connect, max_size=1, ledger_table=ledger, retry=budget, configure=configure) as pool:
+            with pool.connection() as conn:
+                pool.ledger.ensure(conn)
+            holder.execute(f"INSERT INTO {ledger} (request_id) VALUES (%s)", ("order-8",))
+            start = time.monotonic()
+            with pytest.raises(AmbiguousCommitError, match="order-8") as info:
+                pool.run(lambda conn: pytest.fail("the work ran"), request_id="order-8")
+            assert 0.5 <= time.monotonic() - start < 3.0  # two attempts of 300 ms
+            assert classify(info.value.__cause__).reason == "lock_timeout"
+            stats = pool.stats()
+            assert stats.retries == 1
+            # a lock timeout says nothing against the connection (the last
+            # attempt runs on a fresh one, as every last attempt does)
+            assert stats.closed_bad == 0 and stats.cuts == 0
+    finally:
+        holder.close()
+        pg.execute(f"DROP TABLE IF EXISTS {ledger}")
 
 
 def test_commit_killed_with_a_request_id_lands_exactly_once(pg: Any, table: str) -> None:

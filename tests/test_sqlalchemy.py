@@ -237,40 +237,37 @@ def test_retry_helper_retries_idempotent_core_work_a_lost_connection_at_once_a_s
         eng.dispose()
 
 
-def test_a_ledger_insert_gives_up_at_the_deadline_through_the_plugin(net_backend: Any, tmp_path: Any) -> None:
+def test_a_ledger_insert_is_cut_at_the_deadline_through_the_plugin(net_backend: Any, tmp_path: Any) -> None:
     # pksa.run bounds the ledger insert's wait as pool.run does (see
     # test_integration_errors): a transaction holding the id, left open by a
     # partitioned attempt, costs the call its deadline, not hours.
     eng = create_engine(url_for(net_backend, tmp_path) + "?plugin=poolkit")
     ledger = f"ledger_sa_held_{next(_ids)}"
-    show = "SHOW lock_timeout" if net_backend.name == "postgresql" else "SELECT @@innodb_lock_wait_timeout"
     budget = poolkit.Retry(attempts=3, deadline=1.5, initial_backoff=0.01, max_backoff=0.02)
     holder = net_backend.connect()
     rollback = threading.Timer(20, holder.rollback)  # without the bound the call would wait for this
-    seen: list[Any] = []
+    calls: list[str] = []
 
     def work(conn: Any) -> str:
-        bind = conn.connection() if isinstance(conn, Session) else conn
-        seen.append(bind.exec_driver_sql(show).scalar())
+        calls.append("run")
         return "done"
 
     try:
         with eng.begin() as c:
             c.execute(text(poolkit.Ledger(ledger).create_sql))
-            before = c.exec_driver_sql(show).scalar()
         cur = holder.cursor()
         cur.execute(f"INSERT INTO {ledger} (request_id) VALUES (%s)", ("sa-7",))  # uncommitted
         rollback.start()
         for bind in (eng, sessionmaker(eng)):
             start = time.monotonic()
-            with pytest.raises(poolkit.AmbiguousCommitError, match="sa-7") as info:
+            with pytest.raises(poolkit.AmbiguousCommitError, match="sa-7"):
                 pksa.run(bind, work, request_id="sa-7", ledger_table=ledger, retry=budget)
-            assert 1.0 <= time.monotonic() - start < 5.0
-            assert poolkit.classify(info.value.__cause__).reason == "lock_timeout"
-        assert seen == []
+            assert 1.4 <= time.monotonic() - start < 3.5
+        assert calls == []
+        assert eng.pool.poolkit.stats().cuts == 2  # type: ignore[attr-defined]
         holder.rollback()
         assert pksa.run(eng, work, request_id="sa-7", ledger_table=ledger, retry=budget) == "done"
-        assert seen == [before]  # the session's own lock timeout, after the bounded insert
+        assert calls == ["run"]
     finally:
         rollback.cancel()
         holder.close()

@@ -216,18 +216,6 @@ class Driver:
         parameter (used to prune the request-id ledger). Standard SQL here."""
         return f"CURRENT_TIMESTAMP - {self.placeholder(conn)} * INTERVAL '1 second'", str(float(seconds))
 
-    def bound_lock_wait(
-        self, conn: Any, sql: str, params: tuple[Any, ...], seconds: float
-    ) -> tuple[str, tuple[Any, ...] | None] | None:
-        """``sql`` with ``params`` (one statement, in a transaction) rewritten
-        so that its wait for a row lock ends after ``seconds``, with the
-        server's lock-timeout error, and the session's own setting applies
-        again after it: the new ``(sql, params)``, params None when the
-        values are in the text already (run it with no parameters, then).
-        None: the driver knows no way, and the wait lasts as long as the
-        server's settings let it. Used for the request-id ledger's insert."""
-        return None
-
     def classify_one(self, exc: BaseException) -> tuple[str, str] | None:
         """Classify one exception of this driver (not its chain).
 
@@ -352,12 +340,6 @@ class DelegatingDriver(Driver):
     def ago(self, conn: Any, seconds: float) -> tuple[str, Any]:
         raw, d = self._inner(conn)
         return d.ago(raw, seconds)
-
-    def bound_lock_wait(
-        self, conn: Any, sql: str, params: tuple[Any, ...], seconds: float
-    ) -> tuple[str, tuple[Any, ...] | None] | None:
-        raw, d = self._inner(conn)
-        return d.bound_lock_wait(raw, sql, params, seconds)
 
 
 class _AliveProbe:

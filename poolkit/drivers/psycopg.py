@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import select
 import time
 from typing import Any
@@ -92,25 +91,6 @@ class PsycopgDriver(Driver):
 
     def placeholder(self, conn: Any) -> str:
         return "%s"
-
-    def bound_lock_wait(
-        self, conn: Any, sql: str, params: tuple[Any, ...], seconds: float
-    ) -> tuple[str, tuple[Any, ...] | None] | None:
-        # One round trip, as the plain statement: SET LOCAL lock_timeout, the
-        # statement, then the session's value again (stashed in a setting of
-        # our own). Several statements go in one message only without
-        # parameters, so the values are bound here, as psycopg's ClientCursor
-        # binds them for this connection's encoding. If the statement fails,
-        # the transaction is aborted, and its rollback puts the value back.
-        bound = psycopg.ClientCursor(conn).mogrify(sql, params)
-        ms = max(1, math.ceil(seconds * 1000))
-        return (
-            "SELECT set_config('poolkit.lock_timeout', current_setting('lock_timeout'), true);"
-            f" SET LOCAL lock_timeout = {ms};"
-            f" {bound};"
-            " SELECT set_config('lock_timeout', current_setting('poolkit.lock_timeout'), true)",
-            None,
-        )
 
     def is_broken(self, conn: Any) -> bool:
         return bool(conn.closed or conn.broken)

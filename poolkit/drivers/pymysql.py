@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import pymysql
@@ -95,17 +94,6 @@ class PyMySQLDriver(Driver):
 
     def ago(self, conn: Any, seconds: float) -> tuple[str, Any]:
         return "CURRENT_TIMESTAMP - INTERVAL %s SECOND", float(seconds)
-
-    def bound_lock_wait(
-        self, conn: Any, sql: str, params: tuple[Any, ...], seconds: float
-    ) -> tuple[str, tuple[Any, ...] | None] | None:
-        # MariaDB sets a variable for one statement (SET STATEMENT, 10.1.2+).
-        # MySQL's SET_VAR hint does not take innodb_lock_wait_timeout, and
-        # setting it for the session and back would cost two round trips and
-        # leave it changed if the second failed: the server's value applies.
-        if "MariaDB" not in str(getattr(conn, "server_version", "")):
-            return None
-        return f"SET STATEMENT innodb_lock_wait_timeout={max(1, math.ceil(seconds))} FOR {sql}", params
 
     def is_broken(self, conn: Any) -> bool:
         return conn._sock is None
