@@ -162,7 +162,7 @@ class _Conn:
         self.used = False  # handed out and returned at least once
         self.bad = ""  # set to a reason when an error showed the connection unusable
         self.poller: Any = None
-        # its socket (Driver.socket_fd), for Pool._cut_overdue; None: none to cut
+        # its socket (Driver.cut_fd), for Pool._cut_overdue; None: none to cut
         self.fd: int | None = None
         self.cut = False  # the pool cut it: its server did not answer a rollback, reset or ping
         self.waiting_for = ""  # a guarded wait's reason to be cut, for the log (see Pool._guarded_wait)
@@ -900,7 +900,7 @@ class Pool:
             self._touch(rec, now)
             if self._liveness:
                 rec.poller = liveness_probe(self._driver, raw)  # type: ignore[arg-type]
-            rec.fd = self._driver.socket_fd(raw)  # type: ignore[union-attr]
+            rec.fd = self._driver.cut_fd(raw)  # type: ignore[union-attr]
         except BaseException:
             if rec is not None:
                 rec.retired = True  # not an orphan: closed here

@@ -80,7 +80,7 @@ def make_pool(server: fakedb.Server, clock: Clock) -> Any:
     def make(**kw: Any) -> Pool:
         kw.setdefault("clock", clock)
         kw.setdefault("maintenance_interval", 3600.0)  # tests call _maintain() themselves
-        pool = Pool(server.connect, **kw)
+        pool = Pool(kw.pop("connect", server.connect), **kw)
         pools.append(pool)
         return pool
 

@@ -25,6 +25,7 @@ import pytest
 from pooltest import consistent
 
 from poolkit import Pool
+from poolkit.testing import Faulty
 
 
 def closing_in_thread(conn: Any) -> threading.Thread:
@@ -42,14 +43,20 @@ def waiting_for(server_conn: Any, t: threading.Thread) -> None:
         time.sleep(0.001)
 
 
+@pytest.mark.parametrize("faulty", [False, True], ids=["plain", "faulty"])
 def test_a_rollback_on_return_that_gets_no_answer_is_cut_at_ping_timeout(
-    make_pool: Any, server: fakedb.Server, clock: Any, caplog: Any
+    make_pool: Any, server: fakedb.Server, clock: Any, caplog: Any, faulty: bool
 ) -> None:
+    # poolkit.testing.Faulty's connections probe through alive() (so that
+    # its "probe" faults apply), and are cut on their real socket all the same
     caplog.set_level(logging.WARNING, logger="poolkit.pool")
-    pool = make_pool(max_size=1, ping_timeout=2.0)
+    connect = Faulty(server.connect).connect if faulty else server.connect
+    pool = make_pool(max_size=1, ping_timeout=2.0, connect=connect)
     conn = pool.acquire()
     conn.cursor().execute("INSERT 1")  # a transaction open
     raw = conn.driver_connection
+    if faulty:
+        raw = raw._faulty_inner
     server.rollback_hangs = True
     t = closing_in_thread(conn)
     waiting_for(raw, t)

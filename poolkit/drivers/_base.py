@@ -127,6 +127,12 @@ class Driver:
             return fd if isinstance(fd, int) and fd >= 0 else None
         return None
 
+    def cut_fd(self, conn: Any) -> int | None:
+        """The socket the pool shuts down to cut a wait for a server that
+        does not answer (see ``Pool._guarded_wait``); None: not to be cut.
+        The probe's socket, unless the probe goes another way."""
+        return self.socket_fd(conn)
+
     def alive(self, conn: Any) -> bool:
         """For drivers without a socket to poll (``socket_fd`` None): a check
         that costs no round trip. The default says nothing (True)."""
@@ -275,6 +281,12 @@ class DelegatingDriver(Driver):
             return None
         raw, d = self._inner(conn)
         return d.socket_fd(raw)
+
+    def cut_fd(self, conn: Any) -> int | None:
+        if self.unwrap(conn) is None:
+            return None
+        raw, d = self._inner(conn)
+        return d.cut_fd(raw)
 
     def alive(self, conn: Any) -> bool:
         if self.unwrap(conn) is None:

@@ -330,6 +330,9 @@ class FaultyDriver(DelegatingDriver):
     def socket_fd(self, conn: Any) -> int | None:
         return None  # the probe goes through alive(), so that "probe" faults apply
 
+    def cut_fd(self, conn: Any) -> int | None:
+        return super().socket_fd(conn)  # the real socket: a wait on it is cut as without faults
+
     def alive(self, conn: Any) -> bool:
         return not conn._faulty._probe_dead() and super().alive(conn)
 
