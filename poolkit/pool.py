@@ -1726,13 +1726,24 @@ class Pool:
         retry: Retry | bool | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
+        isolation_level: str | None = None,
     ) -> T:
         """Run ``fn(conn)`` in a transaction (commit on success, rollback on
         error) and return its result, retrying only what is safe to repeat.
-        See :mod:`poolkit.retry`."""
+        ``isolation_level``: "SERIALIZABLE", "REPEATABLE READ", "READ
+        COMMITTED" or "READ UNCOMMITTED" for this transaction (the
+        connection's own level if None). See :mod:`poolkit.retry`."""
         from poolkit.retry import run
 
-        return run(self, fn, idempotent=idempotent, retry=retry, request_id=request_id, timeout=timeout)
+        return run(
+            self,
+            fn,
+            idempotent=idempotent,
+            retry=retry,
+            request_id=request_id,
+            timeout=timeout,
+            isolation_level=isolation_level,
+        )
 
     def prune_requests(self, older_than: float, timeout: float | None = None) -> int:
         """Delete request ids recorded more than ``older_than`` seconds ago
@@ -1742,13 +1753,14 @@ class Pool:
         with self.acquire(timeout) as conn:
             return self.ledger.prune(conn, older_than)
 
-    def transaction(self, timeout: float | None = None) -> Any:
+    def transaction(self, timeout: float | None = None, isolation_level: str | None = None) -> Any:
         """``with pool.transaction() as conn:`` commits on success and rolls
         back on error; never retries. A commit that loses its connection
-        raises :class:`AmbiguousCommitError`."""
-        from poolkit.retry import transaction
+        raises :class:`AmbiguousCommitError`. ``isolation_level``: as for
+        :meth:`run`."""
+        from poolkit.retry import isolation, transaction
 
-        return transaction(self, timeout)
+        return transaction(self, timeout, isolation(isolation_level))  # refused now, not on entering
 
 
 def _is_connect_failure(exc: BaseException) -> bool:

@@ -268,6 +268,28 @@ def _log_retry(pool: Pool, policy: Retry, stage: str, rs: tenacity.RetryCallStat
     )
 
 
+def isolation(level: str | None) -> str | None:
+    """``level`` as the SQL spells it ("SERIALIZABLE", "REPEATABLE READ"...),
+    from any case, with spaces or underscores; ValueError for another."""
+    if level is None:
+        return None
+    from poolkit.drivers import ISOLATION_LEVELS
+
+    name = level.replace("_", " ").strip().upper() if isinstance(level, str) else None
+    if name not in ISOLATION_LEVELS:
+        raise ValueError(f"isolation_level must be one of {', '.join(ISOLATION_LEVELS)} (or None), got {level!r}")
+    return name
+
+
+def begin(pool: Pool, conn: PooledConnection, level: str | None) -> None:
+    """Start the transaction, at ``level`` if one was asked for (a driver of
+    the user's own that takes no level still works without one)."""
+    if level is None:
+        pool._driver.begin(conn)  # type: ignore[union-attr]
+    else:
+        pool._driver.begin(conn, level)  # type: ignore[union-attr]
+
+
 def _is_integrity_error(exc: BaseException) -> bool:
     return any(cls.__name__ == "IntegrityError" for cls in type(exc).__mro__)
 
@@ -320,11 +342,13 @@ def run(
     retry: Retry | bool | None = None,
     request_id: str | None = None,
     timeout: float | None = None,
+    isolation_level: str | None = None,
 ) -> T:
     if not callable(fn):
         raise TypeError(f"fn must be a callable taking a connection, not {type(fn).__name__}")
     if request_id is not None and (not isinstance(request_id, str) or not 0 < len(request_id) <= 200):
         raise ValueError("request_id must be a non-empty str of at most 200 characters")
+    level = isolation(isolation_level)
     policy = _policy_from(pool.retry, retry)
     ledger = pool.ledger if request_id is not None else None
     state = _Attempt()
@@ -350,7 +374,7 @@ def run(
                 if ledger is not None:
                     ledger.ensure(conn)
                 state.stage = "begin"
-                pool._driver.begin(conn)  # type: ignore[union-attr]
+                begin(pool, conn, level)
                 state.stage = "work"
                 if ledger is not None:
                     # The id goes in first, in the work's transaction: if an
@@ -394,10 +418,11 @@ def run(
 
 
 @contextlib.contextmanager
-def transaction(pool: Pool, timeout: float | None = None) -> Iterator[Any]:
+def transaction(pool: Pool, timeout: float | None = None, isolation_level: str | None = None) -> Iterator[Any]:
+    level = isolation(isolation_level)
     conn = pool.acquire(timeout)
     try:
-        pool._driver.begin(conn)  # type: ignore[union-attr]
+        begin(pool, conn, level)
         try:
             yield conn
         except BaseException as exc:

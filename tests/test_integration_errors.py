@@ -618,6 +618,74 @@ def test_integrity_and_syntax_errors_are_permanent_and_keep_the_connection(backe
 # ------------------------------------------------------------- request ids
 
 
+def test_run_and_transaction_set_an_isolation_level_even_with_a_request_id(backend: Any, table: str) -> None:
+    # With a request id the ledger's insert is the transaction's first
+    # statement, too late for fn to SET TRANSACTION ISOLATION LEVEL itself:
+    # isolation_level= sets it before, for that one transaction, on
+    # autocommit connections too. Seen by what the levels do when another
+    # connection commits a row between two reads of the transaction: READ
+    # COMMITTED sees it, REPEATABLE READ does not, SERIALIZABLE does not
+    # either (PostgreSQL) or holds the other's insert back (InnoDB's reads
+    # take shared locks at that level).
+    ledger = f"ledger_iso_{backend.name}"
+    backend.execute(f"DROP TABLE IF EXISTS {ledger}")
+    ids = iter(range(1, 1000))
+    other = backend.connect()
+    if backend.name == "mariadb":
+        other.cursor().execute("SET SESSION innodb_lock_wait_timeout = 1")
+
+    def what_it_sees(conn: Any) -> str | None:
+        cur = conn.cursor()
+        cur.execute(f"SELECT count(*) FROM {table}")
+        before = cur.fetchone()[0]
+        if backend.name == "sqlite":
+            return None  # every SQLite transaction is serializable, and a writer would wait for this one
+        try:
+            other.cursor().execute(f"INSERT INTO {table} (id, v) VALUES ({next(ids)}, 'x')")
+            other.commit()
+        except Exception as exc:
+            other.rollback()
+            assert classify(exc).reason == "lock_timeout", exc
+            return "held back"
+        cur.execute(f"SELECT count(*) FROM {table}")
+        return "the new row" if cur.fetchone()[0] != before else "its snapshot"
+
+    def autocommit(raw: Any) -> None:
+        if backend.name == "mariadb":
+            raw.autocommit(True)
+        elif backend.name == "sqlite":
+            raw.isolation_level = None
+        else:
+            raw.autocommit = True
+
+    serializable = {"sqlite": None, "postgresql": "its snapshot", "mariadb": "held back"}[backend.name]
+    default = {"sqlite": None, "postgresql": "the new row", "mariadb": "its snapshot"}[backend.name]
+    levels = {
+        "read committed": None if backend.name == "sqlite" else "the new row",
+        "REPEATABLE_READ": None if backend.name == "sqlite" else "its snapshot",
+        "SERIALIZABLE": serializable,
+    }
+    try:
+        for configure in (None, autocommit):
+            with Pool(backend.connect, max_size=1, ledger_table=ledger, retry=FAST, configure=configure) as pool:
+                for lvl, seen in levels.items():
+                    assert pool.run(what_it_sees, isolation_level=lvl) == seen, lvl
+                    with pool.transaction(isolation_level=lvl) as conn:
+                        assert what_it_sees(conn) == seen, lvl
+                    # with a request id: the ledger's insert first, then the work, at that level
+                    assert pool.run(what_it_sees, request_id=f"{lvl}-{configure}", isolation_level=lvl) == seen
+                # one transaction only: the next has the server's own level again
+                assert pool.run(what_it_sees) == default
+                if backend.name == "postgresql":
+                    with pool.transaction(isolation_level="serializable") as conn:
+                        cur = conn.cursor()
+                        cur.execute("SELECT current_setting('transaction_isolation')")
+                        assert cur.fetchone()[0] == "serializable"
+    finally:
+        other.close()
+        backend.execute(f"DROP TABLE IF EXISTS {ledger}")
+
+
 def test_request_id_work_runs_once_on_every_backend(backend: Any, table: str) -> None:
     ledger = f"ledger_{table}"[:60]
     backend.execute(f"DROP TABLE IF EXISTS {ledger}")

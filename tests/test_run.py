@@ -310,6 +310,22 @@ def test_bad_request_ids_are_refused(make_pool: Any) -> None:
         pool.run("INSERT")  # type: ignore[arg-type]
 
 
+def test_isolation_levels_are_spelled_as_sql_does_and_others_refused(make_pool: Any) -> None:
+    from poolkit.retry import isolation
+
+    assert isolation("serializable") == "SERIALIZABLE"
+    assert isolation(" repeatable_read ") == "REPEATABLE READ"
+    assert isolation(None) is None
+    pool = make_pool()
+    fn = Script()
+    for bad in ("snapshot", "SERIALIZABLE; DROP TABLE t", 3):
+        with pytest.raises(ValueError, match="isolation_level must be one of READ UNCOMMITTED"):
+            pool.run(fn, isolation_level=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="isolation_level"):
+            pool.transaction(isolation_level=bad)  # type: ignore[arg-type]
+    assert fn.calls == 0 and pool.stats().acquired == 0  # refused before a checkout
+
+
 def test_retry_policy_validation() -> None:
     with pytest.raises(ValueError, match="attempts"):
         Retry(attempts=0)

@@ -276,6 +276,26 @@ def test_a_ledger_insert_is_cut_at_the_deadline_through_the_plugin(net_backend: 
         eng.dispose()
 
 
+def test_an_isolation_level_through_the_engine_applies_with_a_request_id(pg: Any, tmp_path: Any) -> None:
+    # the README's recipe: SQLAlchemy sets the level on checkout, before the
+    # ledger's insert opens the transaction; the next one has the server's own
+    eng = create_engine(url_for(pg, tmp_path) + "?plugin=poolkit", pool_size=1)
+    ledger = f"ledger_sa_iso_{next(_ids)}"
+
+    def level(conn: Any) -> str:
+        return str(conn.execute(text("SELECT current_setting('transaction_isolation')")).scalar())
+
+    try:
+        serializable = eng.execution_options(isolation_level="SERIALIZABLE")
+        assert pksa.run(serializable, level, request_id="iso-1", ledger_table=ledger) == "serializable"
+        assert pksa.run(sessionmaker(serializable), level, request_id="iso-2", ledger_table=ledger) == "serializable"
+        assert pksa.run(eng, level, request_id="iso-3", ledger_table=ledger) == "read committed"
+    finally:
+        with eng.begin() as c:
+            c.execute(text(f"DROP TABLE IF EXISTS {ledger}"))
+        eng.dispose()
+
+
 def test_core_work_with_a_request_id_runs_once_on_every_backend(backend: Any, tmp_path: Any) -> None:
     eng = create_engine(url_for(backend, tmp_path) + "?plugin=poolkit")
     ledger = f"ledger_sa_core_{next(_ids)}"

@@ -99,6 +99,10 @@ DISCONNECT_PHRASES = (
 )
 
 
+#: the isolation levels ``Driver.begin`` takes (see ``pool.run``)
+ISOLATION_LEVELS = ("READ UNCOMMITTED", "READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE")
+
+
 class Driver:
     """Support for one DB-API driver. The base class is the generic fallback.
 
@@ -201,15 +205,23 @@ class Driver:
         logs it at WARNING. None: nothing to say."""
         return None
 
-    def begin(self, conn: Any) -> None:
+    def begin(self, conn: Any, isolation_level: str | None = None) -> None:
         """Make sure what follows runs in one transaction. DB-API drivers
-        open one implicitly, unless the connection is in autocommit mode."""
-        if getattr(conn, "autocommit", False) is True:
-            cur = conn.cursor()
-            try:
-                cur.execute("BEGIN")
-            finally:
-                cur.close()
+        open one implicitly, unless the connection is in autocommit mode.
+        ``isolation_level`` (one of :data:`ISOLATION_LEVELS`; passed only
+        when asked for): the level of that one transaction. Standard SQL
+        here: ``SET TRANSACTION`` as its first statement."""
+        statements = ["BEGIN"] if getattr(conn, "autocommit", False) is True else []
+        if isolation_level is not None:
+            statements.append(f"SET TRANSACTION ISOLATION LEVEL {isolation_level}")
+        if not statements:
+            return
+        cur = conn.cursor()
+        try:
+            for sql in statements:
+                cur.execute(sql)
+        finally:
+            cur.close()
 
     def placeholder(self, conn: Any) -> str:
         """The parameter marker of the driver's paramstyle, for one parameter."""

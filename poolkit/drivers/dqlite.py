@@ -65,7 +65,8 @@ class DqliteDriver(Driver):
         finally:
             cur.close()
 
-    def begin(self, conn: Any) -> None:
+    def begin(self, conn: Any, isolation_level: str | None = None) -> None:
+        # dqlite runs every transaction serializable, as SQLite does: any level is had
         if not conn.in_transaction:
             conn.cursor().execute("BEGIN")
 

@@ -85,9 +85,12 @@ class PsycopgDriver(Driver):
         if res.status not in _OK_RESULTS:
             raise psycopg.OperationalError("reset_session failed: " + res.error_message.decode(errors="replace"))
 
-    def begin(self, conn: Any) -> None:
+    def begin(self, conn: Any, isolation_level: str | None = None) -> None:
+        level = "" if isolation_level is None else f" ISOLATION LEVEL {isolation_level}"
         if conn.autocommit:
-            conn.execute("BEGIN")
+            conn.execute(f"BEGIN{level}")
+        elif level:
+            conn.execute(f"SET TRANSACTION{level}")  # psycopg sends its BEGIN first
 
     def placeholder(self, conn: Any) -> str:
         return "%s"

@@ -81,13 +81,17 @@ class PyMySQLDriver(Driver):
         # the reset puts autocommit back to the server's default
         conn.autocommit(conn.autocommit_mode)
 
-    def begin(self, conn: Any) -> None:
-        if conn.autocommit_mode:
-            cur = conn.cursor()
-            try:
+    def begin(self, conn: Any, isolation_level: str | None = None) -> None:
+        cur = conn.cursor()
+        try:
+            if isolation_level is not None:
+                # MySQL's SET TRANSACTION sets the level of the next
+                # transaction, and is refused inside one: it goes first
+                cur.execute(f"SET TRANSACTION ISOLATION LEVEL {isolation_level}")
+            if conn.autocommit_mode:
                 cur.execute("BEGIN")
-            finally:
-                cur.close()
+        finally:
+            cur.close()
 
     def placeholder(self, conn: Any) -> str:
         return "%s"

@@ -30,7 +30,8 @@ class SQLite3Driver(Driver):
     def ping(self, conn: Any, timeout: float) -> None:
         conn.execute("SELECT 1").close()
 
-    def begin(self, conn: Any) -> None:
+    def begin(self, conn: Any, isolation_level: str | None = None) -> None:
+        # SQLite runs every transaction serializable: any level asked for is had
         if conn.isolation_level is None or getattr(conn, "autocommit", -1) is True:
             conn.execute("BEGIN")
 

@@ -339,10 +339,13 @@ class FaultyDriver(DelegatingDriver):
     def rollback(self, conn: Any) -> None:
         conn.rollback()  # through the "rollback" point
 
-    def begin(self, conn: Any) -> None:
+    def begin(self, conn: Any, isolation_level: str | None = None) -> None:
         target = getattr(conn, "driver_connection", conn)  # pool.run passes its proxy
         _, d = self._inner(target)
-        d.begin(conn)
+        if isolation_level is None:
+            d.begin(conn)
+        else:
+            d.begin(conn, isolation_level)
 
 
 DRIVER = FaultyDriver()
