@@ -82,14 +82,17 @@ class PyMySQLDriver(Driver):
         conn.autocommit(conn.autocommit_mode)
 
     def begin(self, conn: Any, isolation_level: str | None = None) -> None:
+        # MySQL's SET TRANSACTION sets the level of the next transaction, and
+        # is refused inside one: it goes first
+        statements = [] if isolation_level is None else [f"SET TRANSACTION ISOLATION LEVEL {isolation_level}"]
+        if conn.autocommit_mode:
+            statements.append("BEGIN")
+        if not statements:
+            return
         cur = conn.cursor()
         try:
-            if isolation_level is not None:
-                # MySQL's SET TRANSACTION sets the level of the next
-                # transaction, and is refused inside one: it goes first
-                cur.execute(f"SET TRANSACTION ISOLATION LEVEL {isolation_level}")
-            if conn.autocommit_mode:
-                cur.execute("BEGIN")
+            for sql in statements:
+                cur.execute(sql)
         finally:
             cur.close()
 
