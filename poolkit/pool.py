@@ -10,6 +10,7 @@ the lock held.
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
 import itertools
 import logging
@@ -1726,7 +1727,7 @@ class Pool:
         retry: Retry | bool | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
-        isolation_level: str | None = None,
+        isolation_level: str | enum.Enum | None = None,
     ) -> T:
         """Run ``fn(conn)`` in a transaction (commit on success, rollback on
         error) and return its result, retrying only what is safe to repeat.
@@ -1753,7 +1754,7 @@ class Pool:
         with self.acquire(timeout) as conn:
             return self.ledger.prune(conn, older_than)
 
-    def transaction(self, timeout: float | None = None, isolation_level: str | None = None) -> Any:
+    def transaction(self, timeout: float | None = None, isolation_level: str | enum.Enum | None = None) -> Any:
         """``with pool.transaction() as conn:`` commits on success and rolls
         back on error; never retries. A commit that loses its connection
         raises :class:`AmbiguousCommitError`. ``isolation_level``: as for

@@ -28,6 +28,7 @@ process (``POOLKIT_RETRY=off`` in the environment).
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import math
 import os
@@ -268,14 +269,17 @@ def _log_retry(pool: Pool, policy: Retry, stage: str, rs: tenacity.RetryCallStat
     )
 
 
-def isolation(level: str | None) -> str | None:
+def isolation(level: str | enum.Enum | None) -> str | None:
     """``level`` as the SQL spells it ("SERIALIZABLE", "REPEATABLE READ"...),
-    from any case, with spaces or underscores; ValueError for another."""
+    from any case, with spaces, underscores or hyphens (MySQL's
+    "REPEATABLE-READ"), or an enum member of that name (psycopg's
+    ``IsolationLevel.SERIALIZABLE``); ValueError for another."""
     if level is None:
         return None
     from poolkit.drivers import ISOLATION_LEVELS
 
-    name = level.replace("_", " ").strip().upper() if isinstance(level, str) else None
+    text = level.name if isinstance(level, enum.Enum) else level
+    name = text.replace("_", " ").replace("-", " ").strip().upper() if isinstance(text, str) else None
     if name not in ISOLATION_LEVELS:
         raise ValueError(f"isolation_level must be one of {', '.join(ISOLATION_LEVELS)} (or None), got {level!r}")
     return name
@@ -342,7 +346,7 @@ def run(
     retry: Retry | bool | None = None,
     request_id: str | None = None,
     timeout: float | None = None,
-    isolation_level: str | None = None,
+    isolation_level: str | enum.Enum | None = None,
 ) -> T:
     if not callable(fn):
         raise TypeError(f"fn must be a callable taking a connection, not {type(fn).__name__}")
@@ -418,7 +422,9 @@ def run(
 
 
 @contextlib.contextmanager
-def transaction(pool: Pool, timeout: float | None = None, isolation_level: str | None = None) -> Iterator[Any]:
+def transaction(
+    pool: Pool, timeout: float | None = None, isolation_level: str | enum.Enum | None = None
+) -> Iterator[Any]:
     level = isolation(isolation_level)
     conn = pool.acquire(timeout)
     try:

@@ -311,14 +311,19 @@ def test_bad_request_ids_are_refused(make_pool: Any) -> None:
 
 
 def test_isolation_levels_are_spelled_as_sql_does_and_others_refused(make_pool: Any) -> None:
+    import psycopg
+
+    from poolkit import Category
     from poolkit.retry import isolation
 
     assert isolation("serializable") == "SERIALIZABLE"
     assert isolation(" repeatable_read ") == "REPEATABLE READ"
+    assert isolation("READ-COMMITTED") == "READ COMMITTED"  # as MySQL shows it
+    assert isolation(psycopg.IsolationLevel.REPEATABLE_READ) == "REPEATABLE READ"  # an enum, by name
     assert isolation(None) is None
     pool = make_pool()
     fn = Script()
-    for bad in ("snapshot", "SERIALIZABLE; DROP TABLE t", 3):
+    for bad in ("snapshot", "SERIALIZABLE; DROP TABLE t", 3, Category.PERMANENT):
         with pytest.raises(ValueError, match="isolation_level must be one of READ UNCOMMITTED"):
             pool.run(fn, isolation_level=bad)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="isolation_level"):
