@@ -272,6 +272,25 @@ def test_leadership_lost_during_commit_with_a_request_id_is_exactly_once(cluster
         pool.close()
 
 
+def test_an_isolation_level_is_taken_with_a_request_id(cluster: DqliteCluster) -> None:
+    # dqlite runs every transaction serializable: any level is had, and a
+    # request id's ledger works under it
+    pool = make_pool(cluster)
+    try:
+        create_table(pool)
+
+        def write(c: Any) -> None:
+            c.cursor().execute("INSERT INTO t (id, v) VALUES (7, 'serializable')")
+
+        pool.run(write, request_id="iso-7", isolation_level="SERIALIZABLE")
+        assert pool.run(write, request_id="iso-7", isolation_level="read committed") is None
+        with pool.transaction(isolation_level="REPEATABLE READ") as c:
+            c.cursor().execute("INSERT INTO t (id, v) VALUES (8, 'repeatable read')")
+        assert rows(pool) == [7, 8]
+    finally:
+        pool.close()
+
+
 def test_read_transaction_left_open_when_leadership_moves(cluster: DqliteCluster) -> None:
     pool = make_pool(cluster, max_size=1)
     try:
