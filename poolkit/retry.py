@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import inspect
 import logging
 import math
 import os
@@ -287,11 +288,36 @@ def isolation(level: str | enum.Enum | None) -> str | None:
 
 def begin(pool: Pool, conn: PooledConnection, level: str | None) -> None:
     """Start the transaction, at ``level`` if one was asked for (a driver of
-    the user's own that takes no level still works without one)."""
+    the user's own whose ``begin`` takes no level still works without one)."""
+    driver = pool._driver
+    assert driver is not None
     if level is None:
-        pool._driver.begin(conn)  # type: ignore[union-attr]
+        driver.begin(conn)
+    elif _takes_a_level(type(driver)):
+        driver.begin(conn, level)
     else:
-        pool._driver.begin(conn, level)  # type: ignore[union-attr]
+        raise TypeError(
+            f"driver {driver!r} cannot set an isolation level: its begin() takes no isolation_level "
+            "(see poolkit.drivers.Driver.begin)"
+        )
+
+
+_TAKES_A_LEVEL: dict[type, bool] = {}  # driver class -> its begin() takes a level
+
+
+def _takes_a_level(cls: type) -> bool:
+    """Whether ``cls.begin`` takes (self, conn, isolation_level)."""
+    found = _TAKES_A_LEVEL.get(cls)
+    if found is None:
+        try:
+            inspect.signature(cls.begin).bind(None, None, None)  # type: ignore[attr-defined]
+            found = True
+        except TypeError:
+            found = False
+        except ValueError:  # no signature to read: let the call say
+            found = True
+        _TAKES_A_LEVEL[cls] = found
+    return found
 
 
 def _is_integrity_error(exc: BaseException) -> bool:

@@ -8,7 +8,7 @@ from typing import Any
 import fakedb
 import pytest
 
-from poolkit import AmbiguousCommitError, PoolTimeout, Retry
+from poolkit import AmbiguousCommitError, Pool, PoolTimeout, Retry
 
 FAST = Retry(attempts=5, deadline=5, initial_backoff=0.001, max_backoff=0.005)
 
@@ -375,3 +375,19 @@ def test_a_ledger_insert_waits_until_the_deadline_and_at_least_a_second() -> Non
     assert 9.0 < ledger_wait(Retry(deadline=10), now) <= 10.0  # type: ignore[operator]
     assert ledger_wait(Retry(deadline=10), now - 9.5) == MIN_LEDGER_WAIT  # near the deadline: still a second
     assert ledger_wait(Retry(deadline=float("inf")), now) is None  # no deadline: no bound
+
+
+def test_a_custom_driver_whose_begin_takes_no_level_is_named_when_a_level_is_asked_for(
+    server: fakedb.Server,
+) -> None:
+    class OldDriver(fakedb.FakeDriver):
+        def begin(self, conn: Any) -> None:  # written before begin() took an isolation level
+            super().begin(conn)
+
+    pool = Pool(server.connect, driver=OldDriver(), retry=False)
+    try:
+        assert pool.run(lambda conn: "ok") == "ok"  # without a level: as ever
+        with pytest.raises(TypeError, match="cannot set an isolation level: its begin"):
+            pool.run(lambda conn: "ok", isolation_level="SERIALIZABLE")
+    finally:
+        pool.close()
