@@ -1116,17 +1116,12 @@ class Pool:
                     with contextlib.suppress(OSError):  # closed already
                         cut.append((rec, os.dup(rec.fd), rec.waiting_for))  # type: ignore[arg-type]
             next_due = min(self._guarded.values(), default=None)
+        usual = (
+            "its server did not answer the pool's rollback, reset or ping "
+            f"within ping_timeout ({self._ping_timeout:g}s)"
+        )
         for rec, fd, what in cut:
-            if what:
-                logger.warning("pool %r: connection %d: %s; cutting it", self.name, rec.id, what)
-            else:
-                logger.warning(
-                    "pool %r: connection %d: its server did not answer the pool's rollback, reset or ping "
-                    "within ping_timeout (%gs); cutting it",
-                    self.name,
-                    rec.id,
-                    self._ping_timeout,
-                )
+            logger.warning("pool %r: connection %d: %s; cutting it", self.name, rec.id, what or usual)
             try:
                 sock = socket.socket(fileno=fd)
             except OSError:  # not a socket after all

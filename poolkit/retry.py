@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import tenacity
 
-from poolkit.classify import Category
+from poolkit.classify import Category, classify
 from poolkit.errors import AmbiguousCommitError, PoolError
 
 if TYPE_CHECKING:
@@ -340,28 +340,36 @@ def ledger_wait(policy: Retry, started: float) -> float | None:
     return max(policy.deadline - (time.monotonic() - started), MIN_LEDGER_WAIT)
 
 
-def guard_ledger_insert(
+@contextlib.contextmanager
+def bounded_ledger_insert(
     pool: Pool | None, rec: _Conn | None, lock_wait: float | None, request_id: str
-) -> contextlib.AbstractContextManager[None]:
-    """Around the ledger insert on ``rec``, a connection of ``pool``: cut it
-    if its server has not answered after ``lock_wait`` seconds (see
-    ``Pool._guarded_wait``); ``rec.cut`` tells afterwards. Nothing to do
-    without a pool, a connection or a bound."""
-    if pool is None or rec is None or lock_wait is None:
-        return contextlib.nullcontext()
-    return pool._guarded_wait(rec, lock_wait, f"request {request_id!r}: no answer to the ledger insert")
-
-
-def ledger_held(request_id: str, waited: float) -> AmbiguousCommitError:
-    """What to raise (from the driver's error) when the ledger insert for
-    ``request_id`` was given up after ``waited`` seconds."""
-    return AmbiguousCommitError(
-        f"request {request_id!r}: the ledger insert had no answer after {waited:.1f}s: another "
-        "transaction holds the id (an earlier attempt whose connection was lost, typically, which "
-        "the server has not ended yet) or the server does not answer. Whether work under this id "
-        "commits is unknown until that transaction ends: ask pool.ledger.committed() later, or "
-        "call again with the same id"
+) -> Iterator[None]:
+    """Around the ledger insert for ``request_id`` on ``rec``, a connection
+    of ``pool``: cut it if its server has not answered after ``lock_wait``
+    seconds (see ``Pool._guarded_wait``; nothing to cut without a pool, a
+    connection or a bound). An insert cut so, or ended by the server's own
+    lock timeout, raises ``AmbiguousCommitError`` from the driver's error:
+    whether the transaction holding the id commits is unknown."""
+    began = time.monotonic()
+    guard: contextlib.AbstractContextManager[None] = (
+        contextlib.nullcontext()
+        if pool is None or rec is None or lock_wait is None
+        else pool._guarded_wait(rec, lock_wait, f"request {request_id!r}: no answer to the ledger insert")
     )
+    try:
+        with guard:
+            yield
+    except Exception as exc:
+        c = pool.classify(exc) if pool is not None else classify(exc)
+        if (rec is not None and rec.cut) or c.reason == "lock_timeout":
+            raise AmbiguousCommitError(
+                f"request {request_id!r}: the ledger insert had no answer after {time.monotonic() - began:.1f}s: "
+                "another transaction holds the id (an earlier attempt whose connection was lost, typically, "
+                "which the server has not ended yet) or the server does not answer. Whether work under this "
+                "id commits is unknown until that transaction ends: ask pool.ledger.committed() later, or "
+                "call again with the same id"
+            ) from exc
+        raise
 
 
 def run(
@@ -416,16 +424,10 @@ def run(
                     # lost attempt's transaction, which holds the id, open for
                     # hours. At the deadline the pool cuts this connection (an
                     # insert waiting on a lock has nothing of ours to lose).
-                    lock_wait = ledger_wait(policy, started)
-                    rec = conn._rec
-                    assert rec is not None
-                    began = time.monotonic()
                     try:
-                        with guard_ledger_insert(pool, rec, lock_wait, request_id):
+                        with bounded_ledger_insert(pool, conn._rec, ledger_wait(policy, started), request_id):
                             ledger.record(conn, request_id)
                     except Exception as exc:
-                        if rec.cut or pool.classify(exc).reason == "lock_timeout":
-                            raise ledger_held(request_id, time.monotonic() - began) from exc
                         if not _is_integrity_error(exc):
                             raise
                         conn.rollback()
@@ -448,10 +450,8 @@ def run(
 
 
 @contextlib.contextmanager
-def transaction(
-    pool: Pool, timeout: float | None = None, isolation_level: str | enum.Enum | None = None
-) -> Iterator[Any]:
-    level = isolation(isolation_level)
+def transaction(pool: Pool, timeout: float | None = None, level: str | None = None) -> Iterator[Any]:
+    """See ``Pool.transaction``, which checks ``level`` (see :func:`isolation`)."""
     conn = pool.acquire(timeout)
     try:
         begin(pool, conn, level)

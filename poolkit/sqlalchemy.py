@@ -41,8 +41,7 @@ from poolkit.retry import (
     Retry,
     _Attempt,
     _policy_from,
-    guard_ledger_insert,
-    ledger_held,
+    bounded_ledger_insert,
     ledger_wait,
     make_retrying,
     safe_to_retry,
@@ -332,15 +331,10 @@ def run(
             fairy = (target.connection() if is_session else target).connection
             proxy = engine.pool._checked_out.get(fairy._connection_record)
             pool, rec = engine.pool.poolkit, (proxy._rec if proxy is not None else None)
-        began = time.monotonic()
         try:
-            with guard_ledger_insert(pool, rec, lock_wait, request_id):
+            with bounded_ledger_insert(pool, rec, lock_wait, request_id):
                 target.execute(text(f"INSERT INTO {ledger.table} (request_id) VALUES (:rid)"), {"rid": request_id})
-        except exc.DBAPIError as e:
-            if (rec is not None and rec.cut) or classify(e).reason == "lock_timeout":
-                raise ledger_held(request_id, time.monotonic() - began) from e
-            if not isinstance(e, exc.IntegrityError):
-                raise
+        except exc.IntegrityError:
             target.rollback()
             logger.info("engine: request %r already committed; not run again", request_id)
             return False

@@ -214,14 +214,7 @@ class Driver:
         statements = ["BEGIN"] if getattr(conn, "autocommit", False) is True else []
         if isolation_level is not None:
             statements.append(f"SET TRANSACTION ISOLATION LEVEL {isolation_level}")
-        if not statements:
-            return
-        cur = conn.cursor()
-        try:
-            for sql in statements:
-                cur.execute(sql)
-        finally:
-            cur.close()
+        execute_each(conn, statements)
 
     def placeholder(self, conn: Any) -> str:
         """The parameter marker of the driver's paramstyle, for one parameter."""
@@ -244,6 +237,19 @@ class Driver:
 
     def __repr__(self) -> str:
         return f"<poolkit driver {self.name}>"
+
+
+def execute_each(conn: Any, statements: list[str]) -> None:
+    """Run ``statements`` in order on one cursor of ``conn`` (none opened
+    for no statement)."""
+    if not statements:
+        return
+    cur = conn.cursor()
+    try:
+        for sql in statements:
+            cur.execute(sql)
+    finally:
+        cur.close()
 
 
 def classify_generic(exc: BaseException) -> tuple[str, str] | None:

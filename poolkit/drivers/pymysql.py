@@ -6,7 +6,7 @@ from typing import Any
 
 import pymysql
 
-from poolkit.drivers._base import BROKEN, IDLE, IN_TRANSACTION, Driver, classify_generic
+from poolkit.drivers._base import BROKEN, IDLE, IN_TRANSACTION, Driver, classify_generic, execute_each
 
 SERVER_STATUS_IN_TRANS = 1
 COM_RESET_CONNECTION = 0x1F  # MySQL >= 5.7.3, MariaDB >= 10.2.4
@@ -87,14 +87,7 @@ class PyMySQLDriver(Driver):
         statements = [] if isolation_level is None else [f"SET TRANSACTION ISOLATION LEVEL {isolation_level}"]
         if conn.autocommit_mode:
             statements.append("BEGIN")
-        if not statements:
-            return
-        cur = conn.cursor()
-        try:
-            for sql in statements:
-                cur.execute(sql)
-        finally:
-            cur.close()
+        execute_each(conn, statements)
 
     def placeholder(self, conn: Any) -> str:
         return "%s"
