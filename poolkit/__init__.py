@@ -12,6 +12,7 @@ from poolkit.classify import Category, Classification, classify
 from poolkit.errors import (
     AmbiguousCommitError,
     ConnectionReturned,
+    ManagedTransactionError,
     PoolClosed,
     PoolError,
     PoolTimeout,
@@ -32,6 +33,7 @@ __all__ = [
     "ConnectionReturned",
     "Failover",
     "Ledger",
+    "ManagedTransactionError",
     "Pool",
     "PoolClosed",
     "PoolError",

@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "AmbiguousCommitError",
     "ConnectionReturned",
+    "ManagedTransactionError",
     "PoolClosed",
     "PoolError",
     "PoolTimeout",
@@ -41,6 +42,17 @@ class ConnectionReturned(PoolError):
     """A pooled connection was used after it was returned to its pool."""
 
 
+class ManagedTransactionError(PoolError):
+    """The work of ``pool.run`` (or the body of ``with pool.transaction()``)
+    tried to end the transaction that the pool runs it in: ``commit()``,
+    ``rollback()``, or a change of ``autocommit`` or ``isolation_level``.
+
+    The pool commits when the work returns and rolls back when it raises. A
+    commit of the work's own would let a retry run the committed part again,
+    or record a request id with half the work. Nothing was sent.
+    """
+
+
 class AmbiguousCommitError(PoolError):
     """The outcome of a commit is unknown: it may or may not have been applied.
 
@@ -49,6 +61,14 @@ class AmbiguousCommitError(PoolError):
     """
 
 
-for _cls in (PoolError, PoolTimeout, PoolClosed, TooManyWaiters, ConnectionReturned, AmbiguousCommitError):
+for _cls in (
+    PoolError,
+    PoolTimeout,
+    PoolClosed,
+    TooManyWaiters,
+    ConnectionReturned,
+    ManagedTransactionError,
+    AmbiguousCommitError,
+):
     _cls.__module__ = "poolkit"
 del _cls

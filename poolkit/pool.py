@@ -30,6 +30,7 @@ from poolkit.drivers import BROKEN, Driver, driver_for_connection, liveness_prob
 from poolkit.errors import (
     AmbiguousCommitError,
     ConnectionReturned,
+    ManagedTransactionError,
     PoolClosed,
     PoolTimeout,
     TooManyWaiters,
@@ -71,6 +72,22 @@ _NUMBER = (int, float)  # the types a timeout may have: checked by type, bool re
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep  # left out of leak stacks
 _RETURNED = "this connection was returned to its pool and can no longer be used"
 _CURSOR_RETURNED = "this cursor's connection was returned to its pool"
+# settings whose change ends (or would end) an open transaction: sqlite3
+# commits when isolation_level becomes None or autocommit True, MySQL when
+# autocommit is switched on
+_ENDS_TRANSACTION = frozenset({"autocommit", "isolation_level"})
+
+
+_OWNED_WHY = (
+    "which ends the transaction itself: it commits when the work returns and rolls back when it raises. "
+    "(A commit of the work's own would let a retry run the committed part again, or record a request id "
+    "with half the work.)"
+)
+
+
+def _owned(where: str, what: str) -> ManagedTransactionError:
+    return ManagedTransactionError(f"{what} inside {where}, {_OWNED_WHY} Nothing was sent.")
+
 
 # Connections a forked child inherited from its parent. The child must never
 # use them, and must not let them be garbage collected either: finalising a
@@ -109,6 +126,7 @@ class _Conn:
         "last_used",
         "leak_logged",
         "orphans",
+        "owner",
         "poller",
         "pool",
         "raw",
@@ -167,6 +185,11 @@ class _Conn:
         self.fd: int | None = None
         self.cut = False  # the pool cut it: its server did not answer a rollback, reset or ping
         self.waiting_for = ""  # a guarded wait's reason to be cut, for the log (see Pool._guarded_wait)
+        # while pool.run's work or a pool.transaction() block runs on it: the
+        # proxy it runs on and who owns the transaction ("pool.run()"), so that
+        # the proxy refuses to end it. The proxy, not a flag: if the work
+        # returned the connection, a later checkout's proxy is not refused.
+        self.owner: tuple[PooledConnection, str] | None = None
         self.checked_out_at = 0.0
         self.stack: list[traceback.FrameSummary] | None = None
         self.leak_logged = False
@@ -1856,16 +1879,24 @@ class PooledConnection:
         return _wrap_cursor(cur, self)
 
     def commit(self) -> None:
-        raw = self._raw()
+        rec = self._rec
+        if rec is None:
+            raise ConnectionReturned(_RETURNED)
+        if rec.owner is not None:
+            self._refuse_if_owned("commit()")
         try:
-            raw.commit()
+            rec.raw.commit()
         except Exception as exc:
             self._raise_observed(exc, during_commit=True)
 
     def rollback(self) -> None:
-        raw = self._raw()
+        rec = self._rec
+        if rec is None:
+            raise ConnectionReturned(_RETURNED)
+        if rec.owner is not None:
+            self._refuse_if_owned("rollback()")
         try:
-            raw.rollback()
+            rec.raw.rollback()
         except Exception as exc:
             self._raise_observed(exc)
 
@@ -1925,6 +1956,8 @@ class PooledConnection:
         rec = self._rec
         if rec is None:
             raise ConnectionReturned(_RETURNED)
+        if rec.owner is not None and name in _ENDS_TRANSACTION:
+            self._refuse_if_owned(f"a change of {name}")
         pool: Pool = rec.pool  # type: ignore[assignment]
         driver = pool._driver
         assert driver is not None
@@ -1943,6 +1976,30 @@ class PooledConnection:
                 rec.saved = saved = {}
             saved[name] = before
             rec.ticket = None  # off the plain return path: close() restores it
+
+    def _refuse_if_owned(self, what: str) -> None:
+        """Raise :class:`ManagedTransactionError` if pool.run or
+        pool.transaction owns this connection's transaction (see
+        :meth:`_owned_by`): ``what`` would end it."""
+        rec = self._rec
+        owner = rec.owner if rec is not None else None
+        if owner is not None and owner[0] is self:
+            raise _owned(owner[1], what)
+
+    def _own(self, where: str) -> _Conn:
+        """Until :meth:`_disown`, the transaction on this connection is
+        ``where``'s (pool.run, pool.transaction): commit(), rollback() and a
+        change of autocommit or isolation_level raise
+        :class:`ManagedTransactionError`. Returns the record to give back."""
+        rec = self._rec
+        if rec is None:
+            raise ConnectionReturned(_RETURNED)
+        rec.owner = (self, where)
+        return rec
+
+    def _disown(self, rec: _Conn) -> None:
+        if self._rec is rec:  # still this caller's (else another's now: leave it be)
+            rec.owner = None
 
     def _notice(self, exc: BaseException, *, during_commit: bool = False) -> None:
         """Act on an error raised by the caller's code while it held this

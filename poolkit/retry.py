@@ -35,14 +35,15 @@ import math
 import os
 import re
 import time
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import tenacity
 
 from poolkit.classify import Category, classify
-from poolkit.errors import AmbiguousCommitError, PoolError
+from poolkit.errors import AmbiguousCommitError, ManagedTransactionError, PoolError
 
 if TYPE_CHECKING:
     from poolkit.pool import Pool, PooledConnection, _Conn
@@ -152,7 +153,9 @@ class Ledger:
 
     def committed(self, conn: PooledConnection, request_id: str) -> bool:
         """Whether work under ``request_id`` has committed. Ends the read
-        transaction, so the work that follows starts a fresh one."""
+        transaction, so the work that follows starts a fresh one (and so it
+        cannot be called inside ``pool.run`` or ``pool.transaction``)."""
+        conn._refuse_if_owned("pool.ledger.committed(), which rolls back the transaction it reads in,")
         self.ensure(conn)
         ph = conn.pool._driver.placeholder(conn.driver_connection)  # type: ignore[union-attr]
         cur = conn.cursor()
@@ -176,7 +179,8 @@ class Ledger:
 
     def prune(self, conn: PooledConnection, older_than: float) -> int:
         """Delete ids recorded more than ``older_than`` seconds ago; returns
-        how many."""
+        how many. Commits (so not inside ``pool.run`` or ``pool.transaction``)."""
+        conn._refuse_if_owned("Ledger.prune(), which commits,")
         self.ensure(conn)
         driver = conn.pool._driver
         assert driver is not None
@@ -268,6 +272,71 @@ def _log_retry(pool: Pool, policy: Retry, stage: str, rs: tenacity.RetryCallStat
         c.reason if c else exc,
         rs.upcoming_sleep,
     )
+
+
+def check_work(fn: Any, where: str) -> None:
+    """Refuse, before any checkout, work that ``where`` (``pool.run()``)
+    cannot run in its transaction: not callable, or an async or generator
+    function, whose body would run only once awaited or iterated, after the
+    transaction (nothing of it would be committed, and with a request id the
+    id would be). What slips through (a callable object whose ``__call__``
+    is async) is caught by what it returns: see :func:`check_result`."""
+    code = getattr(fn, "__code__", None)  # a function or a bound method: its flags say (0.1 us)
+    if code is not None:
+        if not code.co_flags & _NOT_PLAIN:
+            return
+    elif not callable(fn):
+        raise TypeError(f"fn must be a callable taking a connection, not {type(fn).__name__}")
+    # a partial, or a function that is not plain: inspect knows the ways in (1.4 us)
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        raise TypeError(
+            f"fn {_name(fn)} is an async function: {where} calls it and never awaits it, so its body would "
+            "not run in the transaction; poolkit pools blocking DB-API drivers: pass a plain function"
+        )
+    if inspect.isgeneratorfunction(fn):
+        raise TypeError(
+            f"fn {_name(fn)} is a generator function: its body runs only when iterated, after {where} has "
+            "committed and returned the connection; pass a function that returns a list"
+        )
+
+
+_NOT_PLAIN = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR | inspect.CO_GENERATOR | inspect.CO_ITERABLE_COROUTINE
+
+
+# what work returns when it has not run yet (with anything that has __await__)
+_LAZY = (types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType)
+
+
+def check_result(result: Any, where: str) -> None:
+    """Raise TypeError, before the commit, if the work returned a coroutine,
+    a generator or another awaitable: work that has not run (see
+    :func:`check_work`; a callable object whose ``__call__`` is async, a
+    lambda that calls a generator function)."""
+    if isinstance(result, _LAZY) or hasattr(type(result), "__await__"):
+        refuse_result(result, where)
+
+
+def refuse_result(result: Any, where: str) -> NoReturn:
+    """See :func:`check_result`."""
+    if isinstance(result, (types.GeneratorType, types.CoroutineType)):
+        result.close()  # never started: no "never awaited" warning, and none of its code runs
+    raise TypeError(
+        f"fn returned a {type(result).__name__}: work that runs only when awaited or iterated, after "
+        f"{where} has ended the transaction: it has not run, and the transaction is rolled back"
+    )
+
+
+def check_open(conn: PooledConnection, where: str) -> None:
+    """The work gave its connection back before ``where`` could commit."""
+    if conn.closed:
+        raise ManagedTransactionError(
+            f"the connection was returned to its pool inside {where} (by close(), or by `with conn:`, which "
+            "returns a pooled connection): its transaction was rolled back then, and nothing is committed"
+        )
+
+
+def _name(fn: Any) -> str:
+    return repr(getattr(fn, "__qualname__", None) or type(fn).__name__)
 
 
 def isolation(level: str | enum.Enum | None) -> str | None:
@@ -382,8 +451,7 @@ def run(
     timeout: float | None = None,
     isolation_level: str | enum.Enum | None = None,
 ) -> T:
-    if not callable(fn):
-        raise TypeError(f"fn must be a callable taking a connection, not {type(fn).__name__}")
+    check_work(fn, "pool.run()")
     if request_id is not None and (not isinstance(request_id, str) or not 0 < len(request_id) <= 200):
         raise ValueError("request_id must be a non-empty str of at most 200 characters")
     level = isolation(isolation_level)
@@ -433,7 +501,14 @@ def run(
                         conn.rollback()
                         logger.info("pool %r: request %r already committed; not run again", pool.name, request_id)
                         return None  # type: ignore[return-value]
-                result = fn(conn)
+                rec = conn._own("pool.run()")
+                try:
+                    result = fn(conn)
+                finally:
+                    conn._disown(rec)
+                if isinstance(result, _LAZY) or hasattr(type(result), "__await__"):
+                    refuse_result(result, "pool.run()")
+                check_open(conn, "pool.run()")
                 state.stage = "commit"
                 conn.commit()
                 return result
@@ -456,12 +531,17 @@ def transaction(pool: Pool, timeout: float | None = None, level: str | None = No
     try:
         begin(pool, conn, level)
         try:
-            yield conn
+            rec = conn._own("pool.transaction()")
+            try:
+                yield conn
+            finally:
+                conn._disown(rec)
         except BaseException as exc:
             conn._notice(exc)
             with contextlib.suppress(Exception):
                 conn.rollback()
             raise
+        check_open(conn, "pool.transaction()")
         conn.commit()
     finally:
         conn.close()
