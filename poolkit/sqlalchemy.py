@@ -21,6 +21,7 @@ ping still runs after ``ping_after`` seconds idle.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import logging
 import time
@@ -35,13 +36,15 @@ from sqlalchemy.pool.base import _ConnectionRecord
 
 from poolkit.classify import Category, classify
 from poolkit.drivers import DelegatingDriver
-from poolkit.errors import AmbiguousCommitError, PoolError, PoolTimeout
-from poolkit.pool import Pool, PooledConnection
+from poolkit.errors import AmbiguousCommitError, ManagedTransactionError, PoolError, PoolTimeout
+from poolkit.pool import _OWNED_WHY, Pool, PooledConnection
 from poolkit.retry import (
     Retry,
     _Attempt,
     _policy_from,
     bounded_ledger_insert,
+    check_result,
+    check_work,
     ledger_wait,
     make_retrying,
     safe_to_retry,
@@ -272,6 +275,94 @@ def _engine_of(bind: Any) -> Engine:
     raise TypeError(f"run() takes an Engine or a sessionmaker bound to one, not {type(bind).__name__}")
 
 
+_RUN = "poolkit.sqlalchemy.run()"
+
+
+class _Watch:
+    """The connection that ``run``'s work runs on, in this context: a commit
+    on it is refused (see :func:`_refuse_commit`)."""
+
+    __slots__ = ("conn", "refused")
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.refused = False
+
+
+_WATCHED: contextvars.ContextVar[_Watch | None] = contextvars.ContextVar("poolkit_sqlalchemy_run", default=None)
+
+
+def _refuse_commit(conn: Any) -> None:
+    """The engine's ``commit`` event: refuse a commit of the connection
+    that :func:`run`'s work runs on, before SQLAlchemy sends it.
+    (SQLAlchemy has marked its transaction ended by then, and would put the
+    connection back in its pool with the transaction still open: ``run``
+    discards the connection, which rolls it back.) A rollback is not
+    refused: SQLAlchemy's session rolls back by itself when a flush fails."""
+    watch = _WATCHED.get()
+    if watch is not None and watch.conn is conn:
+        watch.refused = True
+        raise ManagedTransactionError(
+            f"commit() inside {_RUN}, {_OWNED_WHY} The COMMIT was not sent; the connection will be "
+            "discarded, which rolls the transaction back."
+        )
+
+
+def _watch_commits(engine: Engine) -> None:
+    if not event.contains(engine, "commit", _refuse_commit):
+        event.listen(engine, "commit", _refuse_commit, insert=True)
+
+
+def _refuse_autocommit(conn: Any) -> None:
+    """``run`` needs a transaction: on an AUTOCOMMIT connection each
+    statement commits as it runs, so a failed attempt would leave half its
+    work (and a request id) committed, and a retry would run it again."""
+    if _is_autocommit(conn):
+        raise exc.ArgumentError(
+            f"{_RUN} needs a transaction, and this connection's isolation level is AUTOCOMMIT (each "
+            "statement commits as it runs, so a retry would repeat what a failed attempt committed): pass "
+            "an engine with a level that has transactions, such as engine.execution_options(isolation_level="
+            '"READ COMMITTED") (SQLite: "SERIALIZABLE")'
+        )
+
+
+def _is_autocommit(conn: Any) -> bool:
+    probe = getattr(conn, "_is_autocommit_isolation", None)  # SQLAlchemy 1.4-2.1; no round trip
+    if probe is not None:
+        return bool(probe())
+    return bool(conn.get_isolation_level() == "AUTOCOMMIT")  # pragma: no cover
+
+
+def _went_on() -> ManagedTransactionError:
+    return ManagedTransactionError(
+        f"the work of {_RUN} called commit(), and went on when it was refused; nothing is committed "
+        "(the connection is discarded): let the run commit"
+    )
+
+
+def _work(fn: Callable[[Any], T], target: Any, conn: Any) -> T:
+    """``fn(target)`` with a commit on ``conn`` refused, and what it returns
+    checked (see :func:`poolkit.retry.check_result`)."""
+    watch = _Watch(conn)
+    token = _WATCHED.set(watch)
+    try:
+        result = fn(target)
+    except BaseException as e:
+        if not watch.refused:
+            raise
+        conn.invalidate()
+        if isinstance(e, ManagedTransactionError):
+            raise
+        raise _went_on() from e  # SQLAlchemy's PendingRollbackError, most likely
+    finally:
+        _WATCHED.reset(token)
+    if watch.refused:
+        conn.invalidate()
+        raise _went_on()
+    check_result(result, _RUN)
+    return result
+
+
 def run(
     bind: Any,
     fn: Callable[[Any], T],
@@ -290,7 +381,9 @@ def run(
     """
     from poolkit.retry import Ledger
 
+    check_work(fn, _RUN)
     engine = _engine_of(bind)
+    _watch_commits(engine)
     pk: Pool | None = getattr(engine.pool, "poolkit", None)
     policy = _policy_from(pk.retry if pk is not None else Retry.default(), retry)
     ledger = Ledger(ledger_table) if request_id is not None else None
@@ -353,9 +446,11 @@ def run(
                 try:
                     state.stage = "work"
                     session.begin()
+                    conn = session.connection()
+                    _refuse_autocommit(conn)
                     if ledger is not None and not first_claim(session):
                         return None  # type: ignore[return-value]
-                    result = fn(session)
+                    result = _work(fn, session, conn)
                     state.stage = "commit"
                     session.commit()
                     return result
@@ -364,9 +459,10 @@ def run(
             with engine.connect() as conn:
                 state.stage = "work"
                 conn.begin()
+                _refuse_autocommit(conn)
                 if ledger is not None and not first_claim(conn):
                     return None  # type: ignore[return-value]
-                result = fn(conn)
+                result = _work(fn, conn, conn)
                 state.stage = "commit"
                 conn.commit()
                 return result

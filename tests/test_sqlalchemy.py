@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -29,6 +31,29 @@ def url_for(backend: Any, tmp_path: Any) -> str:
         return f"postgresql+psycopg://{parts['user']}@{parts['host']}:{parts['port']}/{parts['dbname']}"
     a = MYSQL_ARGS
     return f"mysql+pymysql://{a['user']}:{a['password']}@{a['host']}:{a['port']}/{a['database']}"
+
+
+@contextlib.contextmanager
+def engine_with_table(url: str, table: str, **kw: Any) -> Iterator[tuple[Any, str]]:
+    """An engine, a fresh table ``(id INTEGER PRIMARY KEY)`` and the name of
+    a ledger table of the test's own; all dropped after."""
+    eng = create_engine(url, **kw)
+    ledger = f"ledger_{table}_{next(_ids)}"
+    try:
+        with eng.begin() as c:
+            c.execute(text(f"DROP TABLE IF EXISTS {table}"))
+            c.execute(text(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY)"))
+        yield eng, ledger
+    finally:
+        with eng.begin() as c:
+            c.execute(text(f"DROP TABLE IF EXISTS {table}"))
+            c.execute(text(f"DROP TABLE IF EXISTS {ledger}"))
+        eng.dispose()
+
+
+def rows(eng: Any, table: str) -> int:
+    with eng.connect() as c:
+        return int(c.execute(text(f"SELECT count(*) FROM {table}")).scalar())
 
 
 class Base(DeclarativeBase):
@@ -297,12 +322,7 @@ def test_an_isolation_level_through_the_engine_applies_with_a_request_id(pg: Any
 
 
 def test_core_work_with_a_request_id_runs_once_on_every_backend(backend: Any, tmp_path: Any) -> None:
-    eng = create_engine(url_for(backend, tmp_path) + "?plugin=poolkit")
-    ledger = f"ledger_sa_core_{next(_ids)}"
-    try:
-        with eng.begin() as c:
-            c.execute(text("DROP TABLE IF EXISTS sa_core_once"))
-            c.execute(text("CREATE TABLE sa_core_once (id INTEGER PRIMARY KEY)"))
+    with engine_with_table(url_for(backend, tmp_path) + "?plugin=poolkit", "sa_core_once") as (eng, ledger):
         calls = 0
 
         def insert(conn: Any) -> str:
@@ -314,13 +334,7 @@ def test_core_work_with_a_request_id_runs_once_on_every_backend(backend: Any, tm
         assert pksa.run(eng, insert, request_id="core-1", ledger_table=ledger) == "done"
         assert pksa.run(eng, insert, request_id="core-1", ledger_table=ledger) is None  # never run again
         assert calls == 1
-        with eng.connect() as c:
-            assert c.execute(text("SELECT count(*) FROM sa_core_once")).scalar() == 1
-    finally:
-        with eng.begin() as c:
-            c.execute(text("DROP TABLE IF EXISTS sa_core_once"))
-            c.execute(text(f"DROP TABLE IF EXISTS {ledger}"))
-        eng.dispose()
+        assert rows(eng, "sa_core_once") == 1
 
 
 def test_a_failover_creator_moves_off_a_demoted_primary(pg: Any, tmp_path: Any) -> None:
@@ -374,3 +388,92 @@ def test_the_pymysql_tls_advice_reaches_engine_users_and_connect_args_silence_it
             eng.dispose()
         advice = [r.getMessage() for r in caplog.records if "connect_args={'ssl_disabled': True}" in r.getMessage()]
         assert len(advice) == expected, (connect_args, caplog.text)
+
+
+# -------------------------------------- the transaction run() owns
+
+
+@pytest.mark.parametrize("pool", ["poolkit", "queuepool"])
+def test_run_refuses_a_commit_inside_the_work_and_leaves_no_open_transaction(
+    backend: Any, tmp_path: Any, pool: str
+) -> None:
+    # The work inserts, commits, inserts again. Without the refusal the first
+    # row and the request id commit, and a call again with the id skips the
+    # rest. SQLAlchemy has marked its transaction ended when the commit event
+    # fires, and would put the connection back in its pool with the insert
+    # still open: a later user's commit would commit it. run() discards it.
+    url = url_for(backend, tmp_path) + ("?plugin=poolkit" if pool == "poolkit" else "")
+    with engine_with_table(url, "sa_managed", pool_size=1, max_overflow=0) as (eng, ledger):
+        for bind in (eng, sessionmaker(eng)):
+            for swallow in (False, True):
+                calls = 0
+
+                def work(c: Any, swallow: bool = swallow) -> str:
+                    nonlocal calls
+                    calls += 1
+                    c.execute(text("INSERT INTO sa_managed (id) VALUES (1)"))
+                    try:
+                        c.commit()
+                    except poolkit.ManagedTransactionError:
+                        if not swallow:
+                            raise
+                    c.execute(text("INSERT INTO sa_managed (id) VALUES (2)"))
+                    return "done"
+
+                rid = f"managed-{next(_ids)}"
+                match = "went on when it was refused" if swallow else r"commit\(\) inside poolkit.sqlalchemy.run"
+                with pytest.raises(poolkit.ManagedTransactionError, match=match):
+                    pksa.run(bind, work, request_id=rid, ledger_table=ledger)
+                assert calls == 1
+                with eng.connect() as c:  # the pool's one connection: a later user commits
+                    c.execute(text("SELECT 1"))
+                    c.commit()
+                assert rows(eng, "sa_managed") == 0
+                assert rows(eng, ledger) == 0
+        # a commit outside run(), on the same engine, is the caller's own
+        with eng.connect() as c:
+            c.execute(text("INSERT INTO sa_managed (id) VALUES (3)"))
+            c.commit()
+        assert rows(eng, "sa_managed") == 1
+
+
+def test_run_refuses_an_autocommit_engine(backend: Any, tmp_path: Any) -> None:
+    # On AUTOCOMMIT each statement commits as it runs: a failed attempt left
+    # its first insert and its request id committed, and a call again with
+    # the id returned None without the rest.
+    with engine_with_table(url_for(backend, tmp_path) + "?plugin=poolkit", "sa_autocommit") as (eng, ledger):
+        auto = eng.execution_options(isolation_level="AUTOCOMMIT")
+        calls = 0
+
+        def work(c: Any) -> None:
+            nonlocal calls
+            calls += 1
+            c.execute(text("INSERT INTO sa_autocommit (id) VALUES (1)"))
+            raise ValueError("the rest failed")
+
+        for bind in (auto, sessionmaker(auto)):
+            with pytest.raises(exc.ArgumentError, match="AUTOCOMMIT"):
+                pksa.run(bind, work, request_id="auto-1", ledger_table=ledger)
+        assert calls == 0
+        assert rows(eng, "sa_autocommit") == 0
+        # a level that has transactions is the fix the error names
+        level = "SERIALIZABLE" if backend.name == "sqlite" else "READ COMMITTED"
+        fixed = eng.execution_options(isolation_level=level)
+        assert pksa.run(fixed, lambda c: 7, request_id="auto-2", ledger_table=ledger) == 7
+        assert rows(eng, ledger) == 1
+
+
+def test_run_refuses_async_work(sqlite_backend: Any, tmp_path: Any) -> None:
+    eng = create_engine(url_for(sqlite_backend, tmp_path) + "?plugin=poolkit")
+
+    async def work(c: Any) -> None:
+        c.execute(text("SELECT 1"))
+
+    try:
+        with pytest.raises(TypeError, match="async function"):
+            pksa.run(eng, work)
+        with pytest.raises(TypeError, match="returned a coroutine"):
+            pksa.run(sessionmaker(eng), lambda s: work(s))
+        assert eng.pool.poolkit.stats().in_use == 0
+    finally:
+        eng.dispose()
