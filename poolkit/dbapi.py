@@ -55,6 +55,26 @@ _EXCEPTIONS = (
     "NotSupportedError",
 )
 
+# Drivers whose connections refuse any thread but the one that opened them
+# unless opened with check_same_thread=False. A pool hands a connection to
+# whichever thread asks next, one at a time (and opens the first one in a
+# thread of its own), so the drop-in opens them so unless the caller says
+# otherwise (True: the pool refuses it, naming the keyword). Driver name ->
+# the keyword's position in connect(), None if it is keyword-only.
+_THREAD_BOUND: dict[str, int | None] = {"sqlite3": 4, "dqlite": None}
+
+
+def _unbound(driver: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs``, with check_same_thread=False for a thread-bound driver if
+    the caller did not give it."""
+    if driver not in _THREAD_BOUND or "check_same_thread" in kwargs:
+        return kwargs
+    position = _THREAD_BOUND[driver]
+    if position is not None and len(args) > position:
+        return kwargs  # given by position
+    return {**kwargs, "check_same_thread": False}
+
+
 # How each driver behaves once a connection is closed, so the drop-in does the same.
 # name -> (error factory, cursor() still works, second close() raises)
 
@@ -138,9 +158,10 @@ class PooledModule(types.ModuleType):
                 merged = {**self.pool_options, **(options or {})}
                 merged.setdefault("name", f"{self.driver_module.__name__}-{len(self._pools) + 1}")
                 target = self.driver_module.connect
+                call_kwargs = _unbound(self._driver_name, args, kwargs)
 
                 def connect_target() -> Any:
-                    return target(*args, **kwargs)
+                    return target(*args, **call_kwargs)
 
                 pool = Pool(connect_target, **merged)
                 self._pools[key] = pool

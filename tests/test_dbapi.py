@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -322,6 +323,39 @@ def test_connections_with_the_same_arguments_share_a_pool(tmp_path: Any) -> None
         first = next(p for k, p in pools.items() if path in repr(k))
         s = first.stats()
         assert s.created == 1 and s.acquired == 5
+    finally:
+        m.close_all()
+
+
+def test_sqlite3_needs_no_check_same_thread_and_an_explicit_true_is_refused(tmp_path: Any) -> None:
+    # Changing one import is all it takes: sqlite3's default
+    # check_same_thread=True failed at the first connect (the pool opens it
+    # in a thread of its own, and checks it from another).
+    import sqlite3
+
+    m = poolkit.dbapi.wrap(sqlite3)
+    path = str(tmp_path / "a.db")
+    try:
+        c = m.connect(path)
+        c.execute("CREATE TABLE t (x INTEGER)")
+        c.commit()
+        c.close()
+        seen: list[Any] = []
+
+        def elsewhere() -> None:
+            c = m.connect(path)
+            seen.append(c.execute("SELECT count(*) FROM t").fetchone())
+            c.close()
+
+        t = threading.Thread(target=elsewhere)
+        t.start()
+        t.join()
+        assert seen == [(0,)]
+        assert next(iter(m.pools().values())).stats().created == 1  # the same connection, in another thread
+        with pytest.raises(ValueError, match=r"check_same_thread=False"):
+            m.connect(path, check_same_thread=True)  # said so: refused, not overridden
+        with pytest.raises(ValueError, match=r"check_same_thread=False"):
+            m.connect(str(tmp_path / "b.db"), 5.0, 0, "DEFERRED", True)  # said so by position
     finally:
         m.close_all()
 

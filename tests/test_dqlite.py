@@ -91,6 +91,42 @@ def test_classifier_and_check_same_thread(cluster: DqliteCluster) -> None:
     assert classify(dqlitedbapi.InterfaceError("wire session was lost")).category is Category.BAD_CONNECTION
 
 
+def test_the_drop_in_needs_no_check_same_thread(cluster: DqliteCluster) -> None:
+    # dqlitedbapi.connect's default check_same_thread=True is refused by a
+    # pool (above); the drop-in opens its connections with False unless told.
+    import threading
+
+    import dqlitedbapi
+
+    import poolkit.dbapi
+
+    m = poolkit.dbapi.wrap(dqlitedbapi, timeout=20)
+    leader = cluster.leader()
+    assert leader is not None
+    try:
+        c = m.connect(leader.address, database="poolkit")
+        c.cursor().execute("CREATE TABLE IF NOT EXISTS dropin (id INTEGER PRIMARY KEY)")
+        c.commit()
+        c.close()
+        seen: list[Any] = []
+
+        def elsewhere() -> None:
+            c = m.connect(leader.address, database="poolkit")
+            cur = c.cursor()
+            cur.execute("SELECT count(*) FROM dropin")
+            seen.append(cur.fetchone())
+            c.close()
+
+        t = threading.Thread(target=elsewhere)
+        t.start()
+        t.join()
+        assert seen == [(0,)]
+        with pytest.raises(ValueError, match="check_same_thread=False"):
+            m.connect(leader.address, database="poolkit", check_same_thread=True)
+    finally:
+        m.close_all()
+
+
 def test_failover_skips_dead_seeds(cluster: DqliteCluster) -> None:
     cluster.kill(cluster.nodes[0])
     cluster.wait_for_leader()
