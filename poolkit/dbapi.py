@@ -21,7 +21,11 @@ through the ``poolkit=`` keyword, which the driver never sees::
     conn = psycopg.connect("dbname=test", poolkit={"max_size": 20})
 
 A closed connection, and every cursor of it, raises exactly what the
-driver raises for a closed connection of its own.
+driver raises for a closed connection of its own. As the driver's
+``connect()`` gives a new session, a reused psycopg or PyMySQL session is
+reset before it is handed out (``reset_session=False`` opts out), and
+sqlite3 and dqlite connections are opened with ``check_same_thread=False``
+unless the caller says otherwise.
 """
 
 from __future__ import annotations
@@ -75,6 +79,15 @@ def _unbound(driver: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict
     return {**kwargs, "check_same_thread": False}
 
 
+# Drivers whose sessions the pool can reset (PostgreSQL: the parts of
+# DISCARD ALL that keep psycopg's prepared statements; MySQL:
+# COM_RESET_CONNECTION). The driver's connect() gives a new session, so the
+# drop-in's resets a reused one by default: nothing of an earlier caller's
+# (SET ROLE, search_path, session variables, temporary tables, advisory or
+# GET_LOCK locks) reaches the next. reset_session=False opts out.
+_RESETS = frozenset({"psycopg", "pymysql"})
+
+
 # How each driver behaves once a connection is closed, so the drop-in does the same.
 # name -> (error factory, cursor() still works, second close() raises)
 
@@ -126,8 +139,10 @@ class PooledModule(types.ModuleType):
             raise TypeError("pool options cannot include 'connect': the module's connect() is used")
         Pool(lambda: None, **pool_options).close()  # check the options now, not at first connect
         self.driver_module = module
-        self.pool_options = dict(pool_options)
         self._driver_name = driver_for_module(module.__name__).name
+        self.pool_options = dict(pool_options)
+        if self._driver_name in _RESETS:
+            self.pool_options.setdefault("reset_session", True)
         self._closed_error, self._cursor_after_close, self._second_close = _closed_behaviour(module, self._driver_name)
         self._lock = threading.Lock()  # protects _pools and _options
         self._pools: dict[Any, Pool] = {}

@@ -486,3 +486,57 @@ def test_server_killed_connection_behind_the_drop_in(net_backend: Any) -> None:
         assert pool.stats().closed_bad == 1
     finally:
         m.close_all()
+
+
+def test_a_connect_gets_a_session_with_nothing_of_the_last_callers(net_backend: Any) -> None:
+    # The driver's connect() gives a new session; the drop-in's gives a
+    # pooled one, reset first (by default): without the reset the next caller
+    # got the last one's search_path or session variable, its temporary
+    # table, and the lock it took and meant to free by closing.
+    if net_backend.name == "postgresql":
+        import psycopg as driver
+
+        args: tuple[Any, ...] = (PG_DSN,)
+        kwargs: dict[str, Any] = {}
+        leave = [
+            "SET search_path TO pg_catalog",
+            "CREATE TEMPORARY TABLE left_behind (x INT)",
+            "SELECT pg_advisory_lock(4242)",
+        ]
+        look = "SELECT current_setting('search_path') <> 'pg_catalog'"
+        lock_free = "SELECT count(*) = 0 FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242"
+    else:
+        import pymysql as driver
+
+        args, kwargs = (), dict(MYSQL_ARGS)
+        leave = ["SET @left_behind = 1", "CREATE TEMPORARY TABLE left_behind (x INT)", "SELECT GET_LOCK('pk4242', 0)"]
+        look = "SELECT @left_behind IS NULL"
+        lock_free = "SELECT IS_FREE_LOCK('pk4242') = 1"
+    m = poolkit.dbapi.wrap(driver, max_size=1)
+    try:
+        for options, clean in (({}, True), ({"reset_session": False}, False)):
+            c = m.connect(*args, poolkit=options or None, **kwargs) if options else m.connect(*args, **kwargs)
+            first = net_backend.server_id(c.pooled.driver_connection)
+            cur = c.cursor()
+            for sql in leave:
+                cur.execute(sql)
+            c.commit()
+            c.close()
+            c = m.connect(*args, poolkit=options or None, **kwargs) if options else m.connect(*args, **kwargs)
+            assert net_backend.server_id(c.pooled.driver_connection) == first  # the same session, reused
+            cur = c.cursor()
+            cur.execute(look)
+            assert bool(cur.fetchone()[0]) is clean
+            try:
+                cur.execute("SELECT count(*) FROM left_behind")
+                cur.fetchall()
+                table_gone = False
+            except driver.ProgrammingError:
+                table_gone = True
+                c.rollback()
+            assert table_gone is clean
+            assert bool(net_backend.execute(lock_free)[0][0]) is clean
+            c.close()
+            m.close_all()  # the next round's pool: a new one, with its options
+    finally:
+        m.close_all()
