@@ -1980,7 +1980,7 @@ class PooledConnection:
     def _refuse_if_owned(self, what: str) -> None:
         """Raise :class:`ManagedTransactionError` if pool.run or
         pool.transaction owns this connection's transaction (see
-        :meth:`_owned_by`): ``what`` would end it."""
+        :meth:`_own`): ``what`` would end it."""
         rec = self._rec
         owner = rec.owner if rec is not None else None
         if owner is not None and owner[0] is self:

@@ -38,7 +38,7 @@ import time
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import tenacity
 
@@ -312,12 +312,8 @@ def check_result(result: Any, where: str) -> None:
     a generator or another awaitable: work that has not run (see
     :func:`check_work`; a callable object whose ``__call__`` is async, a
     lambda that calls a generator function)."""
-    if isinstance(result, _LAZY) or hasattr(type(result), "__await__"):
-        refuse_result(result, where)
-
-
-def refuse_result(result: Any, where: str) -> NoReturn:
-    """See :func:`check_result`."""
+    if not (isinstance(result, _LAZY) or hasattr(type(result), "__await__")):
+        return
     if isinstance(result, (types.GeneratorType, types.CoroutineType)):
         result.close()  # never started: no "never awaited" warning, and none of its code runs
     raise TypeError(
@@ -506,8 +502,7 @@ def run(
                     result = fn(conn)
                 finally:
                     conn._disown(rec)
-                if isinstance(result, _LAZY) or hasattr(type(result), "__await__"):
-                    refuse_result(result, "pool.run()")
+                check_result(result, "pool.run()")
                 check_open(conn, "pool.run()")
                 state.stage = "commit"
                 conn.commit()

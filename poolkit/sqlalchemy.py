@@ -444,10 +444,10 @@ def run(
             if is_session:
                 session = bind()
                 try:
-                    state.stage = "work"
                     session.begin()
-                    conn = session.connection()
+                    conn = session.connection()  # the checkout, here: nothing of the work is sent yet
                     _refuse_autocommit(conn)
+                    state.stage = "work"
                     if ledger is not None and not first_claim(session):
                         return None  # type: ignore[return-value]
                     result = _work(fn, session, conn)

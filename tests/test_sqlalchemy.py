@@ -477,3 +477,29 @@ def test_run_refuses_async_work(sqlite_backend: Any, tmp_path: Any) -> None:
         assert eng.pool.poolkit.stats().in_use == 0
     finally:
         eng.dispose()
+
+
+def test_a_session_whose_connect_fails_is_retried_as_a_checkout(pg: Any, tmp_path: Any) -> None:
+    # A session checks out its connection on first use; run() now takes it
+    # before the work, as the checkout it is: a connect refused there (a
+    # server restarting) sent nothing, so it is retried even for work that
+    # is neither idempotent nor under a request id. It was raised, as a
+    # loss in the middle of the work. (On a QueuePool engine: poolkit's own
+    # pool tries a refused connect again by itself, within its timeout.)
+    import psycopg
+
+    opened: list[str] = []
+
+    def creator() -> Any:
+        if not opened:
+            opened.append("refused")
+            return psycopg.connect("host=127.0.0.1 port=1 dbname=test user=postgres", connect_timeout=2)
+        opened.append("ok")
+        return psycopg.connect(PG_DSN)
+
+    eng = create_engine("postgresql+psycopg://", creator=creator)
+    try:
+        assert pksa.run(sessionmaker(eng), lambda s: s.execute(text("SELECT 41 + 1")).scalar()) == 42
+        assert opened == ["refused", "ok"]
+    finally:
+        eng.dispose()
