@@ -12,6 +12,7 @@ import functools
 import itertools
 import os
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -354,7 +355,8 @@ def test_sqlite3_needs_no_check_same_thread_and_an_explicit_true_is_refused(tmp_
         assert next(iter(m.pools().values())).stats().created == 1  # the same connection, in another thread
         with pytest.raises(ValueError, match=r"check_same_thread=False"):
             m.connect(path, check_same_thread=True)  # said so: refused, not overridden
-        with pytest.raises(ValueError, match=r"check_same_thread=False"):
+        with pytest.raises(ValueError, match=r"check_same_thread=False"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # 3.13: keyword-only from 3.15 on
             m.connect(str(tmp_path / "b.db"), 5.0, 0, "DEFERRED", True)  # said so by position
     finally:
         m.close_all()
