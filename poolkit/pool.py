@@ -972,8 +972,15 @@ class Pool:
             raw = None
             try:
                 raw = self._connect()
+                if raw is None:
+                    raise TypeError(
+                        f"pool {self.name!r}: connect returned None, not a DB-API connection "
+                        "(does it return the connection it opens?)"
+                    )
                 if self._driver is None:
                     self._driver = driver_for_connection(raw)
+                if not self._driver_checked:
+                    self._driver.check_interface(raw)
                 self._driver.open(raw)
                 if not self._driver_checked:
                     self._driver.check_config(raw)

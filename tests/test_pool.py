@@ -441,6 +441,26 @@ def test_connect_programming_error_is_raised_at_once(make_pool: Any, server: fak
     assert pool.stats().open == 0
 
 
+@pytest.mark.parametrize(
+    "returned, message",
+    [
+        (None, r"connect returned None, not a DB-API connection \(does it return the connection it opens\?\)"),
+        (42, r"connect returned a builtins.int, not a DB-API connection: it has no cursor\(\), commit\(\)"),
+        ("dbname=app", r"builtins.str, not a DB-API connection"),
+    ],
+    ids=["none", "int", "a-dsn"],
+)
+def test_a_connect_that_returns_no_connection_is_named_at_once(make_pool: Any, returned: Any, message: str) -> None:
+    # A factory that forgot its return handed out a proxy of None, and the
+    # error came at the first cursor(), as an AttributeError far from it.
+    pool = make_pool(connect=lambda: returned, max_size=1)
+    t0 = time.monotonic()
+    with pytest.raises(TypeError, match=message):
+        pool.acquire(timeout=10)
+    assert time.monotonic() - t0 < 1  # not retried as a server that does not answer
+    assert pool.stats().open == 0
+
+
 # ------------------------------------------------------------ health hooks
 
 

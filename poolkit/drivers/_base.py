@@ -195,6 +195,18 @@ class Driver:
         """Whether the connection reports itself closed or broken."""
         return bool(getattr(conn, "closed", False))
 
+    def check_interface(self, conn: Any) -> None:
+        """Called once per pool on its first connection: raise TypeError if
+        it is not a DB-API connection (a connect that returns the wrong
+        thing fails here, not at its first use, with its cause named)."""
+        missing = [m for m in ("cursor", "commit", "rollback", "close") if not callable(getattr(conn, m, None))]
+        if missing:
+            kind = type(conn)
+            raise TypeError(
+                f"connect returned a {kind.__module__}.{kind.__qualname__}, not a DB-API connection: "
+                f"it has no {', '.join(m + '()' for m in missing)}"
+            )
+
     def check_config(self, conn: Any) -> None:
         """Called once per pool on its first connection; raise ValueError
         for a connection that a pool cannot share across threads."""
@@ -354,6 +366,10 @@ class DelegatingDriver(Driver):
             return True
         raw, d = self._inner(conn)
         return d.is_broken(raw)
+
+    def check_interface(self, conn: Any) -> None:
+        raw, d = self._inner(conn)
+        d.check_interface(raw)
 
     def check_config(self, conn: Any) -> None:
         raw, d = self._inner(conn)
