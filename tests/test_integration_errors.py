@@ -387,6 +387,71 @@ def test_postgresql_serialization_failure_is_retried(pg: Any, table: str) -> Non
     assert pg.execute(f"SELECT v FROM {table}")[0][0] == "101"
 
 
+def test_psycopg_transaction_block_first_in_the_work_is_a_savepoint_of_runs_transaction(pg: Any, table: str) -> None:
+    # On a connection that is not in autocommit mode psycopg begins a
+    # transaction only before the first statement, so a conn.transaction()
+    # block that came first was a transaction of its own, committed at its
+    # end: an error after it left the row committed, and a conflict made
+    # run() insert it twice. run() now sends psycopg's BEGIN itself, and the
+    # block is a savepoint in it.
+    calls = 0
+
+    def work(conn: Any) -> None:
+        nonlocal calls
+        calls += 1
+        with conn.transaction():
+            conn.execute(f"INSERT INTO {table} (id, v) VALUES ({calls}, 'x')")
+        if calls == 1:
+            conn.execute("SELECT 1/0")  # anything that fails after the block
+        with conn.transaction():
+            pass
+
+    with Pool(pg.connect, max_size=1, retry=FAST) as pool:
+        with pytest.raises(Exception, match="division by zero"):
+            pool.run(work)
+        assert count(pg, table) == 0  # rolled back with run's transaction
+        assert calls == 1
+
+    # the BEGIN is psycopg's own: the connection's settings go into it
+    import psycopg
+
+    def settings(raw: Any) -> None:
+        raw.read_only = True
+        raw.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+
+    def show(conn: Any) -> tuple[str, str]:
+        cur = conn.cursor()
+        cur.execute("SELECT current_setting('transaction_isolation'), current_setting('transaction_read_only')")
+        return tuple(cur.fetchone())
+
+    with Pool(pg.connect, max_size=1, retry=FAST, configure=settings) as pool:
+        assert pool.run(show) == ("repeatable read", "on")
+        assert pool.run(show, isolation_level="SERIALIZABLE") == ("serializable", "on")
+
+
+def test_a_dead_connection_found_at_begin_is_retried_even_for_work_that_is_not_idempotent(pg: Any, table: str) -> None:
+    # With no liveness probe and no ping, the pool hands out a connection the
+    # server killed. BEGIN, sent before the work, finds it dead: nothing of
+    # the work was sent, so run() tries again, on another connection. (psycopg
+    # sent its BEGIN with the first statement, and the loss was the work's:
+    # not retried.)
+    with Pool(pg.connect, max_size=1, retry=FAST, liveness=False, ping=False) as pool:
+        with pool.connection() as conn:
+            victim = conn.driver_connection
+        pg.kill(victim)
+        calls = 0
+
+        def insert(conn: Any) -> None:
+            nonlocal calls
+            calls += 1
+            conn.cursor().execute(f"INSERT INTO {table} (id, v) VALUES (1, 'x')")
+
+        pool.run(insert)
+        assert calls == 1
+        assert pool.stats().closed_bad == 1 and pool.stats().retries == 1
+    assert count(pg, table) == 1
+
+
 def test_postgresql_write_skew_between_two_serializable_transactions(pg: Any, table: str) -> None:
     """The textbook case: two SERIALIZABLE transactions each read what the
     other writes. One gets 40001; pool.run retries it and both land."""

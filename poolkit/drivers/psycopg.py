@@ -44,6 +44,35 @@ _SQLSTATE_RULES = {
 }
 
 
+def _begin_command(conn: Any, isolation_level: str | None) -> str:
+    """psycopg's own BEGIN for ``conn`` (its isolation_level, read_only and
+    deferrable), at ``isolation_level`` if one is given."""
+    parts = ["BEGIN"]
+    if isolation_level is None and conn.isolation_level is not None:
+        isolation_level = psycopg.IsolationLevel(conn.isolation_level).name.replace("_", " ")
+    if isolation_level is not None:
+        parts.append(f"ISOLATION LEVEL {isolation_level}")
+    if conn.read_only is not None:
+        parts.append("READ ONLY" if conn.read_only else "READ WRITE")
+    if conn.deferrable is not None:
+        parts.append("DEFERRABLE" if conn.deferrable else "NOT DEFERRABLE")
+    return " ".join(parts)
+
+
+def _error_from(res: Any) -> psycopg.Error:
+    """The psycopg exception for a failed result, as psycopg would raise it:
+    the class of its SQLSTATE, or OperationalError for a client-side failure
+    (no SQLSTATE: the connection is lost)."""
+    message = (res.error_message or b"").decode(errors="replace").strip() or "BEGIN failed"
+    sqlstate = res.error_field(pq.DiagnosticField.SQLSTATE)
+    if sqlstate:
+        try:
+            return psycopg.errors.lookup(sqlstate.decode())(message)  # type: ignore[no-any-return]
+        except KeyError:
+            return psycopg.DatabaseError(message)
+    return psycopg.OperationalError(message)
+
+
 class PsycopgDriver(Driver):
     name = "psycopg"
 
@@ -89,8 +118,18 @@ class PsycopgDriver(Driver):
         level = "" if isolation_level is None else f" ISOLATION LEVEL {isolation_level}"
         if conn.autocommit:
             conn.execute(f"BEGIN{level}")
+        elif conn.pgconn.transaction_status == pq.TransactionStatus.IDLE:
+            # psycopg would send its own BEGIN before the first statement,
+            # as a round trip of its own: it is sent now instead, so that a
+            # conn.transaction() block that comes first in the work is a
+            # savepoint of this transaction, not a transaction of its own
+            # that commits at its end (pool.run would retry what it
+            # committed). The same command psycopg sends, at the level asked.
+            res = conn.pgconn.exec_(_begin_command(conn, isolation_level).encode())
+            if res.status != pq.ExecStatus.COMMAND_OK:
+                raise _error_from(res)
         elif level:
-            conn.execute(f"SET TRANSACTION{level}")  # psycopg sends its BEGIN first
+            conn.execute(f"SET TRANSACTION{level}")
 
     def placeholder(self, conn: Any) -> str:
         return "%s"
