@@ -326,6 +326,20 @@ def _refuse_autocommit(conn: Any) -> None:
         )
 
 
+def _begin_on_sqlite(conn: Any) -> None:
+    """sqlite3 begins a transaction only before a write (SQLAlchemy's SQLite
+    notes, "Serializable isolation / Savepoints / Transactional DDL"): the
+    work's reads before its first write ran outside it, and a
+    read-modify-write lost updates. ``run`` begins it, as sqlite3 would
+    (see poolkit.drivers.sqlite3), before the work."""
+    if conn.dialect.name != "sqlite":
+        return
+    dbapi = conn.connection.dbapi_connection
+    if getattr(dbapi, "in_transaction", True):
+        return
+    conn.exec_driver_sql(f"BEGIN {getattr(dbapi, 'isolation_level', '') or ''}".rstrip())
+
+
 def _is_autocommit(conn: Any) -> bool:
     probe = getattr(conn, "_is_autocommit_isolation", None)  # SQLAlchemy 1.4-2.1; no round trip
     if probe is not None:
@@ -447,6 +461,8 @@ def run(
                     session.begin()
                     conn = session.connection()  # the checkout, here: nothing of the work is sent yet
                     _refuse_autocommit(conn)
+                    state.stage = "begin"
+                    _begin_on_sqlite(conn)
                     state.stage = "work"
                     if ledger is not None and not first_claim(session):
                         return None  # type: ignore[return-value]
@@ -457,9 +473,11 @@ def run(
                 finally:
                     session.close()
             with engine.connect() as conn:
-                state.stage = "work"
+                state.stage = "begin"
                 conn.begin()
                 _refuse_autocommit(conn)
+                _begin_on_sqlite(conn)
+                state.stage = "work"
                 if ledger is not None and not first_claim(conn):
                     return None  # type: ignore[return-value]
                 result = _work(fn, conn, conn)

@@ -7,6 +7,7 @@ connection, and what ``pool.run`` did with the work.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -645,6 +646,37 @@ def test_sqlite_database_is_locked_is_retried(sqlite_backend: Any, table: str) -
     assert classify(seen[0]).category is Category.RETRYABLE
     assert calls == 2
     assert count(sqlite_backend, table) == 1
+
+
+def test_sqlite_reads_before_the_first_write_are_in_runs_transaction(sqlite_backend: Any, table: str) -> None:
+    # sqlite3 begins a transaction only before a write: two run()s that both
+    # read the counter, then both wrote what they read plus one, lost an
+    # update (1, not 2). In one transaction from the start, the second
+    # writer's snapshot is stale: SQLITE_BUSY, RETRYABLE, and its retry
+    # reads the first one's value.
+    sqlite_backend.execute(f"INSERT INTO {table} (id, v) VALUES (1, '0')")
+    both_read = threading.Barrier(2)
+    began: list[bool] = []
+
+    def increment(conn: Any) -> None:
+        began.append(conn.driver_connection.in_transaction)
+        cur = conn.cursor()
+        cur.execute(f"SELECT v FROM {table} WHERE id = 1")
+        v = int(cur.fetchone()[0])
+        if len(began) <= 2:  # the first attempts: both read before either writes
+            with contextlib.suppress(threading.BrokenBarrierError):
+                both_read.wait(timeout=5)
+        cur.execute(f"UPDATE {table} SET v = ? WHERE id = 1", (str(v + 1),))
+
+    with Pool(sqlite_backend.connect, max_size=2, retry=FAST) as pool:
+        threads = [threading.Thread(target=pool.run, args=(increment,)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert pool.stats().retries >= 1
+    assert all(began)  # a transaction was open before the work's first statement
+    assert sqlite_backend.execute(f"SELECT v FROM {table}")[0][0] == "2"
 
 
 # ------------------------------------------------------ the request's fault

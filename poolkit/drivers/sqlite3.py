@@ -31,9 +31,16 @@ class SQLite3Driver(Driver):
         conn.execute("SELECT 1").close()
 
     def begin(self, conn: Any, isolation_level: str | None = None) -> None:
-        # SQLite runs every transaction serializable: any level asked for is had
-        if conn.isolation_level is None or getattr(conn, "autocommit", -1) is True:
-            conn.execute("BEGIN")
+        # SQLite runs every transaction serializable: any level asked for is
+        # had. sqlite3 itself begins one only before an INSERT, UPDATE,
+        # DELETE or REPLACE (its default, "legacy" mode; in autocommit mode,
+        # never): the reads before the first write ran outside it, each on a
+        # snapshot of its own, and a read-modify-write lost updates. So the
+        # transaction begins here, as sqlite3 would begin it (DEFERRED,
+        # IMMEDIATE or EXCLUSIVE, its isolation_level), unless one is open
+        # already (autocommit=False, Python 3.12+, keeps one open).
+        if not conn.in_transaction:
+            conn.execute(f"BEGIN {conn.isolation_level or ''}".rstrip())
 
     def placeholder(self, conn: Any) -> str:
         return "?"
