@@ -2027,6 +2027,8 @@ class PooledConnection:
     def __getattr__(self, name: str) -> Any:
         if name in _PROXY_SLOTS:  # not set: a proxy the pool did not make
             raise AttributeError(f"this PooledConnection was not made by a pool: {name} is not set")
+        if name == "begin":  # PyMySQL's: MySQL commits the open transaction first
+            self._refuse_if_owned("begin(), which commits the open transaction first (MySQL),")
         return getattr(self._raw(), name)
 
     def __enter__(self) -> PooledConnection:

@@ -152,6 +152,8 @@ def _end_it(backend: Any, how: str) -> Any:
             conn.commit()
         elif how == "rollback":
             conn.rollback()
+        elif how == "begin":  # PyMySQL's begin(); MySQL commits what is open first
+            conn.begin()
         elif backend.name == "mariadb":  # PyMySQL: a method, and SET autocommit=1 commits
             conn.autocommit(True)
         elif backend.name == "sqlite":  # sqlite3 commits when the level becomes None
@@ -165,11 +167,23 @@ def _end_it(backend: Any, how: str) -> Any:
 @pytest.mark.integration
 @pytest.mark.parametrize("how", ["commit", "rollback", "autocommit"])
 def test_work_cannot_end_the_transaction_on_a_real_server(backend: Any, table: str, how: str) -> None:
-    # The work inserts a row, ends the transaction, inserts a second and
-    # fails with a conflict. Without the refusal, on commit: no request id,
-    # the retry inserts again (id 1 twice: an integrity error after the first
-    # landed); with one, the id commits with row 1, and the retry returns
-    # None without row 2. On autocommit: the same, as each insert commits.
+    _cannot_end(backend, table, how)
+
+
+@pytest.mark.integration
+def test_pymysql_begin_cannot_end_the_transaction(maria: Any, table: str) -> None:
+    # PyMySQL's conn.begin() sends BEGIN, and MySQL commits the open
+    # transaction first: the first row and the request id committed, and a
+    # call again with the id skipped the rest.
+    _cannot_end(maria, table, "begin")
+
+
+def _cannot_end(backend: Any, table: str, how: str) -> None:
+    # The work inserts a row, ends the transaction and inserts a second.
+    # Without the refusal the first row commits on its own (on autocommit,
+    # each does): with a request id the id commits with it, so when the rest
+    # fails, a call again with the id skips the rest; without one, a conflict
+    # after it has the retry insert the row again.
     ledger = f"ledger_managed_{backend.name}"
     backend.execute(f"DROP TABLE IF EXISTS {ledger}")
     end = _end_it(backend, how)
