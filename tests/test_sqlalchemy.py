@@ -537,3 +537,24 @@ def test_sqlite_reads_before_the_first_write_are_in_runs_transaction(
             assert len(attempts) >= 3  # one was retried
         with eng.connect() as c:
             assert c.execute(text("SELECT id FROM sa_counter")).scalar() == 4
+
+
+def test_the_ledger_table_is_created_once_per_engine(sqlite_backend: Any, tmp_path: Any) -> None:
+    # CREATE TABLE IF NOT EXISTS, in a transaction of its own, ran before
+    # every call with a request id (about 700 us on PostgreSQL here).
+    with engine_with_table(url_for(sqlite_backend, tmp_path) + "?plugin=poolkit", "sa_once") as (eng, ledger):
+        creates: list[str] = []
+        event.listen(
+            eng,
+            "before_cursor_execute",
+            lambda conn, cur, statement, *a: creates.append(statement) if statement.startswith("CREATE") else None,
+        )
+        for n in range(3):
+            pksa.run(
+                eng,
+                lambda c, n=n: c.execute(text(f"INSERT INTO sa_once (id) VALUES ({n})")),
+                request_id=f"o{n}",
+                ledger_table=ledger,
+            )
+        assert len(creates) == 1 and ledger in creates[0]
+        assert rows(eng, "sa_once") == 3
