@@ -11,6 +11,7 @@ timeout)."""
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import weakref
@@ -31,25 +32,31 @@ def start_maintenance(pool: Pool) -> threading.Thread:
     def loop() -> None:
         # A round every interval; in between, a wake at the deadline of the
         # earliest guarded wait (see Pool._guarded_wait), so that a cut comes
-        # on time, not at the next round. A wait guarded after the thread went
-        # to sleep falls due after its next wake as long as ping_timeout is no
-        # shorter than the interval (the defaults: 5 s and 1 s); if it is, the
-        # cut may come up to one interval late.
+        # on time, not at the next round. The thread sleeps on the pool's
+        # _wake until _wake_at: a wait guarded meanwhile and due before that
+        # wakes it (while it works out when to wake, _wake_at is inf, so any
+        # wait guarded then does), and it sleeps again until the earliest.
+        wake = pool._wake
         next_round = time.monotonic() + interval
         due: float | None = None  # on the pool's clock
         while True:
+            p = ref()
+            if p is None:
+                break
             wait = next_round - time.monotonic()
             if due is not None:
-                p = ref()
-                if p is None:
-                    break
                 wait = min(wait, due - p._clock())
-                del p
-            if stop.wait(max(0.0, wait)):
+            wait = max(0.0, wait)
+            p._wake_at = p._clock() + wait
+            del p
+            wake.wait(wait)
+            wake.clear()
+            if stop.is_set():
                 break
             p = ref()
             if p is None or p.closed:
                 break
+            p._wake_at = math.inf
             try:
                 if time.monotonic() >= next_round:
                     next_round = time.monotonic() + interval

@@ -376,6 +376,8 @@ class Pool:
         "_wait_count",
         "_wait_time",
         "_waiters",
+        "_wake",
+        "_wake_at",
         "ledger",
         "name",
         "retry",
@@ -519,6 +521,11 @@ class Pool:
 
         self._orphans: deque[_Conn] = deque()  # dropped proxies; appended without the lock
         self._stop = threading.Event()
+        # The maintenance thread sleeps on _wake until _wake_at (on the pool's
+        # clock; inf while it works out when): a guarded wait due before then
+        # wakes it (see _guarded_wait), so its cut is not an interval late.
+        self._wake = threading.Event()
+        self._wake_at = _INF
         self._maintainer: threading.Thread | None = None
         _ALL_POOLS.add(self)
         self._start_maintenance()
@@ -1115,7 +1122,10 @@ class Pool:
             yield
             return
         with self._lock:
-            self._guarded[rec] = self._clock() + (self._ping_timeout if timeout is None else timeout)
+            due = self._clock() + (self._ping_timeout if timeout is None else timeout)
+            self._guarded[rec] = due
+            if due < self._wake_at:  # the maintenance thread would sleep past it
+                self._wake.set()
             if what:
                 rec.waiting_for = what
         try:
@@ -1525,6 +1535,7 @@ class Pool:
             self._connecting.clear()
         end = time.monotonic() + timeout
         self._stop.set()
+        self._wake.set()
         self._retire_all(idle, "closed")
         maintainer = self._maintainer
         if maintainer is not None and maintainer is not threading.current_thread() and maintainer.is_alive():
@@ -1684,6 +1695,8 @@ class Pool:
         self._epoch += 1
         self._new_generation_locked()
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._wake_at = _INF
         self._maintainer = None
 
     # ----------------------------------------------------------------- stats

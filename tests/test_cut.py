@@ -282,3 +282,66 @@ def test_a_return_to_a_server_that_stopped_answering_ends_within_ping_timeout(pr
         consistent(pool)
     finally:
         pool.close(timeout=1)
+
+
+@pytest.mark.timing
+def test_a_wait_guarded_while_the_thread_sleeps_a_long_interval_is_cut_on_time(server: fakedb.Server) -> None:
+    # With maintenance_interval longer than ping_timeout, the thread slept
+    # through the deadline of a wait guarded after it went to sleep: the cut
+    # came at its next round, 30 s on. The guarded wait now wakes it.
+    pool = Pool(server.connect, max_size=1, ping_timeout=0.5, maintenance_interval=30, name="long-interval")
+    try:
+        conn = pool.acquire()
+        conn.cursor().execute("INSERT 1")
+        raw = conn.driver_connection
+        server.rollback_hangs = True
+        start = time.monotonic()
+        t = closing_in_thread(conn)
+        t.join(5)
+        took = time.monotonic() - start
+        assert not t.is_alive(), "the return still waits for the server"
+        assert 0.5 <= took < 1.5, took
+        assert raw.closed and pool.stats().cuts == 1
+    finally:
+        server.rollback_hangs = False
+        pool.close(timeout=1)
+
+
+@pytest.mark.timing
+def test_a_wait_guarded_while_the_thread_works_out_its_next_wake_is_cut_on_time(
+    server: fakedb.Server, monkeypatch: Any
+) -> None:
+    # The race: the thread has done its round and worked out when to wake
+    # (the next round, 1 s on) but not yet gone to sleep, and a wait is
+    # guarded then, due in 0.3 s. It must still be cut at 0.3 s, not 1 s.
+    in_round, go_on = threading.Event(), threading.Event()
+    maintain = Pool._maintain
+
+    def paused(self: Pool) -> Any:
+        due = maintain(self)
+        if not in_round.is_set():
+            in_round.set()
+            go_on.wait(5)  # held here, between working out its wake and sleeping
+        return due
+
+    monkeypatch.setattr(Pool, "_maintain", paused)
+    pool = Pool(server.connect, max_size=1, ping_timeout=0.3, maintenance_interval=1.0, name="race")
+    try:
+        conn = pool.acquire()
+        conn.cursor().execute("INSERT 1")
+        raw = conn.driver_connection
+        server.rollback_hangs = True
+        assert in_round.wait(5), "no maintenance round"
+        start = time.monotonic()
+        t = closing_in_thread(conn)
+        waiting_for(raw, t)  # guarded now, while the thread is held
+        go_on.set()
+        t.join(5)
+        took = time.monotonic() - start
+        assert not t.is_alive(), "the return still waits for the server"
+        assert 0.3 <= took < 0.8, took  # the next round would cut it at 1 s
+        assert raw.closed and pool.stats().cuts == 1
+    finally:
+        go_on.set()
+        server.rollback_hangs = False
+        pool.close(timeout=1)
