@@ -1857,6 +1857,7 @@ class PooledConnection:
     row_factory = _Setting()
     text_factory = _Setting()
     prepare_threshold = _Setting()
+    select_db = _Setting()  # PyMySQL's: a method that changes the default database
     cursor_factory = _Setting()
     server_cursor_factory = _Setting()
 

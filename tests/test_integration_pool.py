@@ -166,6 +166,48 @@ def test_session_state_is_gone_for_the_next_borrower_with_reset_session(net_back
         assert value == (default if reset else "borrower-one")
 
 
+def test_the_next_borrower_is_on_the_database_the_connection_was_opened_on(maria: Any, table: str) -> None:
+    # MySQL's default database is session state: left changed, the next
+    # borrower's unqualified tables were another database's (its writes went
+    # there). select_db() is put back on return, like a setting; a USE in
+    # SQL, by reset_session (COM_RESET_CONNECTION keeps the database).
+    maria.execute("CREATE DATABASE IF NOT EXISTS poolkit_other")
+
+    def database(conn: Any) -> str:
+        cur = conn.cursor()
+        cur.execute("SELECT DATABASE()")
+        return str(cur.fetchone()[0])
+
+    with Pool(maria.connect, max_size=1) as pool:
+        with pool.connection() as conn:
+            first = conn.driver_connection
+            conn.select_db("poolkit_other")
+            assert database(conn) == "poolkit_other"
+        with pool.connection() as conn:
+            assert conn.driver_connection is first  # put back, not replaced
+            assert database(conn) == "test"
+            conn.cursor().execute(f"INSERT INTO {table} (id, v) VALUES (1, 'here')")
+            conn.commit()
+    assert maria.execute(f"SELECT count(*) FROM {table}")[0][0] == 1
+    with Pool(maria.connect, max_size=1, reset_session=True) as pool:
+        with pool.connection() as conn:
+            conn.cursor().execute("USE poolkit_other")
+        with pool.connection() as conn:
+            assert database(conn) == "test"
+    # opened on no database: there is no way back to none, so it is not reused
+    import pymysql
+    from backends import MYSQL_ARGS
+
+    with Pool(functools.partial(pymysql.connect, **{**MYSQL_ARGS, "database": None}), max_size=1) as pool:
+        with pool.connection() as conn:
+            first = conn.driver_connection
+            conn.select_db("poolkit_other")
+        with pool.connection() as conn:
+            assert conn.driver_connection is not first
+            assert database(conn) == "None"
+        assert pool.stats().closed == 1
+
+
 def test_reset_session_keeps_the_connection_usable(net_backend: Any, table: str) -> None:
     with Pool(net_backend.connect, max_size=1, reset_session=True) as pool:
         for i in range(3):

@@ -54,16 +54,24 @@ class PyMySQLDriver(Driver):
             return BROKEN  # an unbuffered result was not read to the end
         return IN_TRANSACTION if conn.server_status & SERVER_STATUS_IN_TRANS else IDLE
 
-    setting_methods = frozenset({"autocommit"})
+    # select_db(): the session's default database, which the next caller
+    # would otherwise inherit (its unqualified tables in another database)
+    setting_methods = frozenset({"autocommit", "select_db"})
 
     def get_setting(self, conn: Any, name: str) -> Any:
         if name == "autocommit":
             return conn.get_autocommit()
+        if name == "select_db":
+            return conn.db  # the database it was opened on (select_db does not change .db)
         return getattr(conn, name)
 
     def set_setting(self, conn: Any, name: str, value: Any) -> None:
         if name == "autocommit":
             conn.autocommit(value)
+        elif name == "select_db":
+            if value is None:
+                raise ValueError("the connection was opened on no database, and MySQL has no way back to none")
+            conn.select_db(value)
         else:
             setattr(conn, name, value)
 
@@ -78,6 +86,10 @@ class PyMySQLDriver(Driver):
     def reset_session(self, conn: Any) -> None:
         conn._execute_command(COM_RESET_CONNECTION, b"")
         conn._read_ok_packet()
+        # the reset keeps the default database: back to the one it was opened
+        # on, in case a USE (or select_db) changed it
+        if conn.db:
+            conn.select_db(conn.db)
         # the reset puts autocommit back to the server's default
         conn.autocommit(conn.autocommit_mode)
 
