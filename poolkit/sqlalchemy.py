@@ -407,6 +407,9 @@ def run(
     check_work(fn, _RUN)
     engine = _engine_of(bind)
     _watch_commits(engine)
+    root = engine
+    while (proxied := getattr(root, "_proxied", None)) is not None:
+        root = proxied  # engine.execution_options(...) makes a new engine each call: the table is its root's
     pk: Pool | None = getattr(engine.pool, "poolkit", None)
     policy = _policy_from(pk.retry if pk is not None else Retry.default(), retry)
     ledger = Ledger(ledger_table) if request_id is not None else None
@@ -459,11 +462,11 @@ def run(
     for attempt in make_retrying(policy, should_retry, before_sleep, state):
         with attempt:
             state.stage = "checkout"
-            if ledger is not None and ledger.table not in _LEDGERS.get(engine, ()):
+            if ledger is not None and ledger.table not in _LEDGERS.get(root, ()):
                 with engine.begin() as conn:
                     conn.execute(text(ledger.create_sql))
                 with _LEDGERS_LOCK:
-                    _LEDGERS.setdefault(engine, set()).add(ledger.table)
+                    _LEDGERS.setdefault(root, set()).add(ledger.table)
             if is_session:
                 session = bind()
                 try:
