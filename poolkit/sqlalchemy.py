@@ -406,10 +406,10 @@ def run(
 
     check_work(fn, _RUN)
     engine = _engine_of(bind)
-    _watch_commits(engine)
     root = engine
     while (proxied := getattr(root, "_proxied", None)) is not None:
-        root = proxied  # engine.execution_options(...) makes a new engine each call: the table is its root's
+        root = proxied  # engine.execution_options(...) makes a new engine each call; its root's events fire for it
+    _watch_commits(root)
     pk: Pool | None = getattr(engine.pool, "poolkit", None)
     policy = _policy_from(pk.retry if pk is not None else Retry.default(), retry)
     ledger = Ledger(ledger_table) if request_id is not None else None

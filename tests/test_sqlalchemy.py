@@ -404,7 +404,7 @@ def test_run_refuses_a_commit_inside_the_work_and_leaves_no_open_transaction(
     # still open: a later user's commit would commit it. run() discards it.
     url = url_for(backend, tmp_path) + ("?plugin=poolkit" if pool == "poolkit" else "")
     with engine_with_table(url, "sa_managed", pool_size=1, max_overflow=0) as (eng, ledger):
-        for bind in (eng, sessionmaker(eng)):
+        for bind in (eng, sessionmaker(eng), eng.execution_options(isolation_level="SERIALIZABLE")):
             for swallow in (False, True):
                 calls = 0
 
