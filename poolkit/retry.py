@@ -356,15 +356,21 @@ def begin(pool: Pool, conn: PooledConnection, level: str | None) -> None:
     the user's own whose ``begin`` takes no level still works without one)."""
     driver = pool._driver
     assert driver is not None
-    if level is None:
-        driver.begin(conn)
-    elif _takes_a_level(type(driver)):
-        driver.begin(conn, level)
-    else:
+    if level is not None and not _takes_a_level(type(driver)):
         raise TypeError(
             f"driver {driver!r} cannot set an isolation level: its begin() takes no isolation_level "
             "(see poolkit.drivers.Driver.begin)"
         )
+    # The pool's own statement, bounded as its rollback and reset are: a
+    # server that stopped answering is cut at ping_timeout (nothing of the
+    # work was sent, so run() tries again), not waited for until TCP gives up.
+    rec = conn._rec
+    assert rec is not None
+    with pool._guarded_wait(rec, what=f"its server did not answer BEGIN within ping_timeout ({pool._ping_timeout:g}s)"):
+        if level is None:
+            driver.begin(conn)
+        else:
+            driver.begin(conn, level)
 
 
 _TAKES_A_LEVEL: dict[type, bool] = {}  # driver class -> its begin() takes a level

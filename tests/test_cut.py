@@ -345,3 +345,43 @@ def test_a_wait_guarded_while_the_thread_works_out_its_next_wake_is_cut_on_time(
         go_on.set()
         server.rollback_hangs = False
         pool.close(timeout=1)
+
+
+def test_a_begin_to_a_server_that_stopped_answering_is_cut_and_the_work_runs_on_another(proxied: Any) -> None:
+    # run()'s BEGIN (PostgreSQL) or SET TRANSACTION (MySQL) is the pool's own
+    # statement. Its reply never comes back (the proxy sends it to the server
+    # and drops the answer); the BEGIN waited until TCP gave up, or PyMySQL's
+    # read_timeout. Cut at ping_timeout, it is retried at once on a new
+    # connection, nothing of the work having been sent.
+    backend, proxy, connect = proxied
+    pool = Pool(connect, max_size=1, ping_timeout=0.3, maintenance_interval=0.05, name="silent-begin")
+    try:
+        pool.acquire().close()
+        marker = b"BEGIN ISOLATION LEVEL" if backend.name == "postgresql" else b"SET TRANSACTION"
+        proxy.cut_reply_after(marker, grace=30)  # the connection is reset only long after
+        calls = 0
+
+        def work(conn: Any) -> int:
+            nonlocal calls
+            calls += 1
+            cur = conn.cursor()
+            cur.execute("SELECT 41 + 1")
+            return int(cur.fetchone()[0])
+
+        result: list[Any] = []
+        start = time.monotonic()
+        t = threading.Thread(
+            target=lambda: result.append(pool.run(work, isolation_level="READ COMMITTED")), daemon=True
+        )
+        t.start()
+        t.join(10)
+        took = time.monotonic() - start
+        assert not t.is_alive(), "run() still waits for the BEGIN"
+        assert result == [42] and calls == 1
+        assert took < 1.5, took  # 0.3 s and a new connection (PyMySQL's read_timeout is 2 s)
+        st = pool.stats()
+        assert (st.cuts, st.closed_bad, st.retries) == (1, 1, 1), st
+        consistent(pool)
+    finally:
+        proxy.heal()
+        pool.close(timeout=1)
