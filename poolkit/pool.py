@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from poolkit.classify import Category, Classification, Classifier, classify
-from poolkit.drivers import BROKEN, Driver, driver_for_connection, liveness_probe
+from poolkit.drivers import BROKEN, IN_TRANSACTION, Driver, driver_for_connection, liveness_probe
 from poolkit.errors import (
     AmbiguousCommitError,
     ConnectionReturned,
@@ -958,6 +958,19 @@ class Pool:
             raise PoolClosed(f"pool {self.name!r} is closed")
         return None
 
+    def _check_configured(self, raw: Any) -> None:
+        """``configure`` must leave no transaction open (psycopg opens one at
+        its first statement, a SET too): the first rollback on return would
+        undo what it set, for every later borrower. As psycopg_pool does, the
+        connection is refused, with the fix named."""
+        state = self._driver.transaction_state(raw)  # type: ignore[union-attr]
+        if state in (IN_TRANSACTION, BROKEN):
+            left = "in a transaction" if state == IN_TRANSACTION else "broken"
+            raise ValueError(
+                f"pool {self.name!r}: configure left the new connection {left}: what it set would be undone "
+                "by the first rollback on return; end the transaction in configure (conn.commit())"
+            )
+
     def _log_advice(self, raw: Any) -> None:
         """Log what the driver says about how its first connection was
         opened (see ``Driver.advice``): once per pool, and never in the way
@@ -995,6 +1008,7 @@ class Pool:
                     self._log_advice(raw)
                 if self._configure is not None:
                     self._configure(raw)
+                    self._check_configured(raw)
                 return raw
             except Exception as exc:
                 if raw is not None:

@@ -208,6 +208,31 @@ def test_the_next_borrower_is_on_the_database_the_connection_was_opened_on(maria
         assert pool.stats().closed == 1
 
 
+def test_configure_that_leaves_a_transaction_open_is_refused(pg: Any) -> None:
+    # psycopg opens a transaction at configure's first statement, a SET too.
+    # Left open, the first borrower's rollback on return undid the SET for
+    # every later borrower. As psycopg_pool does, the pool refuses it.
+    def unfinished(raw: Any) -> None:
+        raw.execute("SET search_path TO pg_catalog")
+
+    with Pool(pg.connect, max_size=1, configure=unfinished) as pool:
+        t0 = time.monotonic()
+        with pytest.raises(ValueError, match=r"configure left the new connection in a transaction.*conn.commit\(\)"):
+            pool.acquire(timeout=10)
+        assert time.monotonic() - t0 < 2  # at once, not retried as a server that does not answer
+        assert pool.stats().open == 0
+
+    def finished(raw: Any) -> None:
+        unfinished(raw)
+        raw.commit()
+
+    with Pool(pg.connect, max_size=1, configure=finished) as pool:
+        for _ in range(2):  # the first borrower's rollback on return keeps it
+            with pool.connection() as conn:
+                assert conn.execute("SHOW search_path").fetchone()[0] == "pg_catalog"
+                conn.execute("SELECT 1")  # a transaction, rolled back on return
+
+
 def test_reset_session_keeps_the_connection_usable(net_backend: Any, table: str) -> None:
     with Pool(net_backend.connect, max_size=1, reset_session=True) as pool:
         for i in range(3):
