@@ -1170,6 +1170,8 @@ class Pool:
                     with contextlib.suppress(OSError):  # closed already
                         cut.append((rec, os.dup(rec.fd), rec.waiting_for))  # type: ignore[arg-type]
             next_due = min(self._guarded.values(), default=None)
+        if not cut:
+            return next_due
         usual = (
             "its server did not answer the pool's rollback, reset or ping "
             f"within ping_timeout ({self._ping_timeout:g}s)"

@@ -37,7 +37,7 @@ from sqlalchemy.pool import Pool as SAPool
 from sqlalchemy.pool.base import _ConnectionRecord
 
 from poolkit.classify import Category, classify
-from poolkit.drivers import DelegatingDriver
+from poolkit.drivers import DelegatingDriver, driver_for_connection
 from poolkit.errors import AmbiguousCommitError, ManagedTransactionError, PoolError, PoolTimeout
 from poolkit.pool import _OWNED_WHY, Pool, PooledConnection
 from poolkit.retry import (
@@ -326,7 +326,9 @@ def _refuse_autocommit(conn: Any) -> None:
     """``run`` needs a transaction: on an AUTOCOMMIT connection each
     statement commits as it runs, so a failed attempt would leave half its
     work (and a request id) committed, and a retry would run it again."""
-    if _is_autocommit(conn):
+    probe = getattr(conn, "_is_autocommit_isolation", None)  # SQLAlchemy 1.4-2.1; no round trip
+    autocommit = probe() if probe is not None else conn.get_isolation_level() == "AUTOCOMMIT"
+    if autocommit:
         raise exc.ArgumentError(
             f"{_RUN} needs a transaction, and this connection's isolation level is AUTOCOMMIT (each "
             "statement commits as it runs, so a retry would repeat what a failed attempt committed): pass "
@@ -339,21 +341,14 @@ def _begin_on_sqlite(conn: Any) -> None:
     """sqlite3 begins a transaction only before a write (SQLAlchemy's SQLite
     notes, "Serializable isolation / Savepoints / Transactional DDL"): the
     work's reads before its first write ran outside it, and a
-    read-modify-write lost updates. ``run`` begins it, as sqlite3 would
-    (see poolkit.drivers.sqlite3), before the work."""
+    read-modify-write lost updates. ``run`` begins it before the work, as
+    pool.run does: poolkit's sqlite3 driver, on the DBAPI connection."""
     if conn.dialect.name != "sqlite":
         return
     dbapi = conn.connection.dbapi_connection
-    if getattr(dbapi, "in_transaction", True):
-        return
-    conn.exec_driver_sql(f"BEGIN {getattr(dbapi, 'isolation_level', '') or ''}".rstrip())
-
-
-def _is_autocommit(conn: Any) -> bool:
-    probe = getattr(conn, "_is_autocommit_isolation", None)  # SQLAlchemy 1.4-2.1; no round trip
-    if probe is not None:
-        return bool(probe())
-    return bool(conn.get_isolation_level() == "AUTOCOMMIT")  # pragma: no cover
+    driver = driver_for_connection(dbapi)
+    if driver.name == "sqlite3":
+        driver.begin(dbapi)
 
 
 def _went_on() -> ManagedTransactionError:
@@ -437,17 +432,17 @@ def run(
             rs.upcoming_sleep,
         )
 
-    def first_claim(target: Any) -> bool:
-        """Insert the id first, in the work's transaction (see pool.run):
-        False when an earlier attempt or call committed it already. On a
-        poolkit engine its wait for another transaction holding the id ends
-        at the budget's deadline, as in pool.run (see poolkit.retry.ledger_wait)."""
+    def first_claim(target: Any, conn: Any) -> bool:
+        """Insert the id first, in the work's transaction (see pool.run), on
+        ``target`` (the session or ``conn``): False when an earlier attempt
+        or call committed it already. On a poolkit engine its wait for
+        another transaction holding the id ends at the budget's deadline, as
+        in pool.run (see poolkit.retry.ledger_wait)."""
         assert ledger is not None and request_id is not None
         lock_wait = ledger_wait(policy, started)
         pool, rec = None, None
         if lock_wait is not None and isinstance(engine.pool, PoolkitPool):
-            fairy = (target.connection() if is_session else target).connection
-            proxy = engine.pool._checked_out.get(fairy._connection_record)
+            proxy = engine.pool._checked_out.get(conn.connection._connection_record)
             pool, rec = engine.pool.poolkit, (proxy._rec if proxy is not None else None)
         try:
             with bounded_ledger_insert(pool, rec, lock_wait, request_id):
@@ -476,7 +471,7 @@ def run(
                     state.stage = "begin"
                     _begin_on_sqlite(conn)
                     state.stage = "work"
-                    if ledger is not None and not first_claim(session):
+                    if ledger is not None and not first_claim(session, conn):
                         return None  # type: ignore[return-value]
                     result = _work(fn, session, conn)
                     state.stage = "commit"
@@ -490,7 +485,7 @@ def run(
                 _refuse_autocommit(conn)
                 _begin_on_sqlite(conn)
                 state.stage = "work"
-                if ledger is not None and not first_claim(conn):
+                if ledger is not None and not first_claim(conn, conn):
                     return None  # type: ignore[return-value]
                 result = _work(fn, conn, conn)
                 state.stage = "commit"

@@ -59,18 +59,24 @@ def _begin_command(conn: Any, isolation_level: str | None) -> str:
     return " ".join(parts)
 
 
-def _error_from(res: Any) -> psycopg.Error:
-    """The psycopg exception for a failed result, as psycopg would raise it:
-    the class of its SQLSTATE, or OperationalError for a client-side failure
-    (no SQLSTATE: the connection is lost)."""
-    message = (res.error_message or b"").decode(errors="replace").strip() or "BEGIN failed"
+def _exec(conn: Any, sql: bytes) -> None:
+    """Run the pool's own ``sql`` at the libpq level, past psycopg's
+    transaction handling (its BEGIN, its prepared statements); a failure is
+    raised as psycopg would raise it: the class of its SQLSTATE, or
+    OperationalError for a client-side failure (no SQLSTATE: the connection
+    is lost)."""
+    res = conn.pgconn.exec_(sql)
+    if res.status in _OK_RESULTS:
+        return
+    message = (res.error_message or b"").decode(errors="replace").strip() or f"{sql[:40]!r} failed"
     sqlstate = res.error_field(pq.DiagnosticField.SQLSTATE)
     if sqlstate:
         try:
-            return psycopg.errors.lookup(sqlstate.decode())(message)  # type: ignore[no-any-return]
+            cls = psycopg.errors.lookup(sqlstate.decode())
         except KeyError:
-            return psycopg.DatabaseError(message)
-    return psycopg.OperationalError(message)
+            cls = psycopg.DatabaseError
+        raise cls(message)
+    raise psycopg.OperationalError(message)
 
 
 class PsycopgDriver(Driver):
@@ -110,9 +116,7 @@ class PsycopgDriver(Driver):
             raise psycopg.OperationalError(f"ping failed: {error}")
 
     def reset_session(self, conn: Any) -> None:
-        res = conn.pgconn.exec_(RESET_SQL)
-        if res.status not in _OK_RESULTS:
-            raise psycopg.OperationalError("reset_session failed: " + res.error_message.decode(errors="replace"))
+        _exec(conn, RESET_SQL)
 
     def begin(self, conn: Any, isolation_level: str | None = None) -> None:
         level = "" if isolation_level is None else f" ISOLATION LEVEL {isolation_level}"
@@ -125,9 +129,7 @@ class PsycopgDriver(Driver):
             # savepoint of this transaction, not a transaction of its own
             # that commits at its end (pool.run would retry what it
             # committed). The same command psycopg sends, at the level asked.
-            res = conn.pgconn.exec_(_begin_command(conn, isolation_level).encode())
-            if res.status != pq.ExecStatus.COMMAND_OK:
-                raise _error_from(res)
+            _exec(conn, _begin_command(conn, isolation_level).encode())
         elif level:
             conn.execute(f"SET TRANSACTION{level}")
 
