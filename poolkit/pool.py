@@ -1098,14 +1098,21 @@ class Pool:
                     return "bad"
             if rec.used and self._reset_hook:
                 with self._guarded_wait(rec):
+                    step = "reset_session"
                     try:
                         if self._reset_hook is True:
                             self._driver.reset_session(raw)  # type: ignore[union-attr]
+                            if self._configure is not None:
+                                # the reset undid what configure set (RESET ALL,
+                                # COM_RESET_CONNECTION): set up again, as a new one
+                                step = "configure, after reset_session,"
+                                self._configure(raw)
+                                self._check_configured(raw)
                             reset = True
                         else:
                             reset = self._reset_hook(raw) is not False
                     except Exception as exc:
-                        logger.warning("pool %r: reset_session failed on connection %d: %r", self.name, rec.id, exc)
+                        logger.warning("pool %r: %s failed on connection %d: %r", self.name, step, rec.id, exc)
                         reset = False
                 if rec.cut:
                     return "bad"

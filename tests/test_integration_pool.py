@@ -233,6 +233,37 @@ def test_configure_that_leaves_a_transaction_open_is_refused(pg: Any) -> None:
                 conn.execute("SELECT 1")  # a transaction, rolled back on return
 
 
+def test_what_configure_set_survives_reset_session(net_backend: Any) -> None:
+    # The driver's reset (RESET ALL, COM_RESET_CONNECTION) put the session's
+    # settings back to the server's defaults, configure's too: from the
+    # second borrower on, a configured search_path was gone (unqualified
+    # tables were public's), a configured time zone was the server's.
+    if net_backend.name == "postgresql":
+        configured, other, show = "SET search_path TO pg_catalog", "SET search_path TO public", "SHOW search_path"
+        want = "pg_catalog"
+    else:
+        configured, other, show = "SET time_zone = '+03:00'", "SET time_zone = '+05:00'", "SELECT @@session.time_zone"
+        want = "+03:00"
+
+    def configure(raw: Any) -> None:
+        raw.cursor().execute(configured)
+        raw.commit()
+
+    def value(conn: Any) -> str:
+        cur = conn.cursor()
+        cur.execute(show)
+        return str(cur.fetchone()[0])
+
+    with Pool(net_backend.connect, max_size=1, reset_session=True, configure=configure) as pool:
+        for _ in range(3):
+            with pool.connection() as conn:
+                assert value(conn) == want
+                conn.cursor().execute(other)  # this borrower's own, committed: reset for the next
+                conn.commit()
+                assert value(conn) != want
+        assert pool.stats().created == 1
+
+
 def test_reset_session_keeps_the_connection_usable(net_backend: Any, table: str) -> None:
     with Pool(net_backend.connect, max_size=1, reset_session=True) as pool:
         for i in range(3):

@@ -683,6 +683,43 @@ def test_reset_session_runs_only_on_used_connections(make_pool: Any) -> None:
         assert cur.fetchone() == (None,)  # the previous borrower's setting is gone
 
 
+def test_configure_runs_again_after_the_drivers_reset(make_pool: Any) -> None:
+    # The driver's reset (RESET ALL, COM_RESET_CONNECTION) undoes what
+    # configure set, too: the second borrower was on the server's default
+    # search_path, and its unqualified tables were other tables.
+    def configure(raw: Any) -> None:
+        raw.cursor().execute("SET search_path = app")
+        raw.commit()
+
+    pool = make_pool(reset_session=True, configure=configure)
+    for _ in range(3):
+        with pool.connection() as conn:
+            cur = conn.cursor()
+            cur.execute("SHOW search_path")
+            assert cur.fetchone() == ("app",)
+            cur.execute("SET search_path = evil")  # this borrower's own: gone for the next
+    assert pool.stats().created == 1
+
+
+def test_configure_that_fails_after_the_reset_discards(make_pool: Any, caplog: Any) -> None:
+    calls: list[int] = []
+
+    def configure(raw: Any) -> None:
+        calls.append(raw.id)
+        if raw.resets:
+            raise RuntimeError("no such schema")
+
+    pool = make_pool(reset_session=True, configure=configure)
+    with pool.connection() as conn:
+        first = conn.driver_connection
+    with caplog.at_level(logging.WARNING, logger="poolkit.pool"), pool.connection() as conn:
+        second = conn.driver_connection
+        assert second is not first  # discarded; a new one, configured as new
+    assert first.closed and pool.stats().closed_invalid == 1
+    assert calls == [first.id, first.id, second.id]
+    assert "configure, after reset_session, failed" in caplog.text and "no such schema" in caplog.text
+
+
 @pytest.mark.parametrize("mode", ["raises", "false"])
 def test_reset_session_hook_that_fails_discards(make_pool: Any, mode: str) -> None:
     def reset(raw: Any) -> bool:
