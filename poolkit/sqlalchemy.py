@@ -71,8 +71,19 @@ class _RecordDriver(DelegatingDriver):
 
     name = "sqlalchemy"
 
+    def __init__(self, dispatch: Any) -> None:
+        self._dispatch = dispatch  # the SQLAlchemy pool's events
+
     def unwrap(self, conn: Any) -> Any:
         return conn.dbapi_connection
+
+    def reset_session(self, conn: Any) -> None:
+        super().reset_session(conn)
+        # The reset put the session's settings back to the server's defaults,
+        # and with them what SQLAlchemy's connect listeners set: the dialect's
+        # (create_engine(isolation_level=...) on MySQL is a SET SESSION) and
+        # the application's own. Run them again, as for a new connection.
+        self._dispatch.connect(conn.dbapi_connection, conn)
 
 
 class PoolkitPool(SAPool):
@@ -106,7 +117,7 @@ class PoolkitPool(SAPool):
             options.setdefault("max_lifetime", recycle)
         options.setdefault("name", self._orig_logging_name or "sqlalchemy")
         self._args = (pool_size, max_overflow, timeout, recycle, poolkit_options)
-        self.poolkit = Pool(self._new_record, driver=_RecordDriver(), **options)
+        self.poolkit = Pool(self._new_record, driver=_RecordDriver(self.dispatch), **options)
         self._checked_out: dict[Any, PooledConnection] = {}
 
     def _new_record(self) -> _ConnectionRecord:

@@ -199,6 +199,42 @@ def test_pool_events_fire_as_with_queuepool(tmp_path: Any, sqlite_backend: Any) 
     assert expected.count("connect") == 2 and "invalidate" in expected
 
 
+def test_what_connect_listeners_set_survives_reset_session(net_backend: Any, tmp_path: Any) -> None:
+    # The driver's reset puts the session's settings back to the server's
+    # defaults, and with them what SQLAlchemy's connect listeners set: the
+    # application's own, and on MySQL the dialect's isolation level (a SET
+    # SESSION). From the second checkout on, a SERIALIZABLE engine ran
+    # REPEATABLE-READ transactions. The plugin runs the listeners again.
+    if net_backend.name == "postgresql":
+        setting, show, want = "SET search_path TO pg_catalog", "SHOW search_path", "pg_catalog"
+        isolation = "SHOW transaction_isolation"
+    else:
+        setting, show, want = "SET time_zone = '+03:00'", "SELECT @@session.time_zone", "+03:00"
+        isolation = "SELECT @@session.tx_isolation"
+    url = url_for(net_backend, tmp_path) + "?plugin=poolkit&poolkit_max_size=1&poolkit_reset_session=true"
+    eng = create_engine(url, isolation_level="SERIALIZABLE")
+    opened: list[Any] = []
+
+    @event.listens_for(eng, "connect")
+    def configure(dbapi_conn: Any, record: Any) -> None:
+        opened.append(dbapi_conn)
+        cur = dbapi_conn.cursor()
+        cur.execute(setting)
+        cur.close()
+        dbapi_conn.commit()
+
+    try:
+        for _ in range(3):
+            with eng.connect() as c:
+                assert c.execute(text(show)).scalar() == want
+                assert c.execute(text(isolation)).scalar().lower() == "serializable"
+                c.exec_driver_sql(setting.replace("pg_catalog", "public").replace("+03:00", "+05:00"))
+                c.commit()  # this checkout's own: the reset takes it away
+        assert len(opened) == 3 and all(d is opened[0] for d in opened)  # one connection, reset and set up again
+    finally:
+        eng.dispose()
+
+
 def test_retry_helper_survives_a_kill_between_attempts_and_never_applies_twice(pg: Any, tmp_path: Any) -> None:
     eng = create_engine(url_for(pg, tmp_path) + "?plugin=poolkit", pool_reset_on_return=None)
     Base.metadata.drop_all(eng)
