@@ -542,3 +542,38 @@ def test_a_connect_gets_a_session_with_nothing_of_the_last_callers(net_backend: 
             m.close_all()  # the next round's pool: a new one, with its options
     finally:
         m.close_all()
+
+
+def test_a_reset_session_keeps_what_the_callers_connect_arguments_set(maria: Any) -> None:
+    # COM_RESET_CONNECTION puts every session variable back to the server's
+    # default, and with them what PyMySQL's connect() set after the
+    # handshake: the next connect() of the drop-in (which resets by default)
+    # compared as utf8mb4_general_ci where the caller asked for
+    # utf8mb4_unicode_ci ('ß' = 'ss' no longer held), and lost its sql_mode
+    # and init_command (a strict mode lost lets an INSERT truncate).
+    import pymysql
+
+    kwargs = {
+        **MYSQL_ARGS,
+        "collation": "utf8mb4_unicode_ci",
+        "sql_mode": "TRADITIONAL",
+        "init_command": "SET SESSION time_zone = '+03:00'",
+    }
+    m = poolkit.dbapi.wrap(pymysql, max_size=1)
+    try:
+        seen = []
+        for _ in range(3):
+            c = m.connect(**kwargs)
+            seen.append(c.pooled.driver_connection)
+            cur = c.cursor()
+            cur.execute("SELECT @@collation_connection, @@sql_mode, @@time_zone, 'ß' = 'ss'")
+            collation, sql_mode, time_zone, equal = cur.fetchone()
+            assert collation == "utf8mb4_unicode_ci" and equal == 1
+            assert "STRICT_ALL_TABLES" in sql_mode and time_zone == "+03:00"
+            # this caller's own changes: undone for the next
+            cur.execute("SET NAMES latin1")
+            cur.execute("SET sql_mode = '', time_zone = '+05:00'")
+            c.close()
+        assert all(d is seen[0] for d in seen)  # one connection, reset each time
+    finally:
+        m.close_all()

@@ -90,8 +90,17 @@ class PyMySQLDriver(Driver):
         # on, in case a USE (or select_db) changed it
         if conn.db:
             conn.select_db(conn.db)
-        # the reset puts autocommit back to the server's default
-        conn.autocommit(conn.autocommit_mode)
+        # The reset puts every session variable back to the server's default,
+        # and with them what PyMySQL's connect() set after the handshake: the
+        # collation (a utf8mb4_unicode_ci connection compared as
+        # utf8mb4_general_ci), sql_mode (a strict mode lost lets an INSERT
+        # truncate instead of fail), init_command. Set up again, as connect() does.
+        conn.set_character_set(conn.charset, conn.collation)
+        if conn.sql_mode is not None:
+            execute_each(conn, [f"SET sql_mode={conn.escape(conn.sql_mode)}"])
+        if conn.init_command is not None:
+            execute_each(conn, [conn.init_command])
+        conn.autocommit(conn.autocommit_mode)  # last, as connect(): the reset put it back to the server's
 
     def begin(self, conn: Any, isolation_level: str | None = None) -> None:
         # MySQL's SET TRANSACTION sets the level of the next transaction, and
