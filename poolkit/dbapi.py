@@ -22,8 +22,9 @@ through the ``poolkit=`` keyword, which the driver never sees::
 
 A closed connection, and every cursor of it, raises exactly what the
 driver raises for a closed connection of its own. As the driver's
-``connect()`` gives a new session, a reused psycopg or PyMySQL session is
-reset before it is handed out (``reset_session=False`` opts out), and
+``connect()`` gives a new session and its ``close()`` ends it, a psycopg or
+PyMySQL session is reset when the caller closes it, so that a lock it held
+is freed then (``reset_session=False`` opts out), and
 sqlite3 and dqlite connections are opened with ``check_same_thread=False``
 unless the caller says otherwise.
 """
@@ -82,9 +83,9 @@ def _unbound(driver: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict
 # Drivers whose sessions the pool can reset (PostgreSQL: the parts of
 # DISCARD ALL that keep psycopg's prepared statements; MySQL:
 # COM_RESET_CONNECTION). The driver's connect() gives a new session, so the
-# drop-in's resets a reused one by default: nothing of an earlier caller's
-# (SET ROLE, search_path, session variables, temporary tables, advisory or
-# GET_LOCK locks) reaches the next. reset_session=False opts out.
+# drop-in's resets each one it takes back by default: nothing of an earlier
+# caller's (SET ROLE, search_path, session variables, temporary tables,
+# advisory or GET_LOCK locks) reaches the next. reset_session=False opts out.
 _RESETS = frozenset({"psycopg", "pymysql"})
 
 
@@ -143,6 +144,9 @@ class PooledModule(types.ModuleType):
         self.pool_options = dict(pool_options)
         if self._driver_name in _RESETS:
             self.pool_options.setdefault("reset_session", True)
+        # close() ends the session, as the driver's own: what it held (a
+        # session lock) is freed then, not when the connection is next handed out
+        self.pool_options.setdefault("reset_on", "return")
         self._closed_error, self._cursor_after_close, self._second_close = _closed_behaviour(module, self._driver_name)
         self._lock = threading.Lock()  # protects _pools and _options
         self._pools: dict[Any, Pool] = {}

@@ -367,6 +367,7 @@ class Pool:
         "_random",
         "_recheck_after",
         "_reset_hook",
+        "_reset_on_return",
         "_retries",
         "_returned",
         "_returned_at",
@@ -400,6 +401,7 @@ class Pool:
         ping_after: float = 30.0,
         ping_timeout: float = 5.0,
         reset_session: bool | Hook | None = False,
+        reset_on: str = "checkout",
         is_valid: Hook | None = None,
         configure: Hook | None = None,
         name: str | None = None,
@@ -435,6 +437,8 @@ class Pool:
         _check_number("handoff_streak", handoff_streak, integer=True)
         _check_hook("ping", ping, allow_bool=True)
         _check_hook("reset_session", reset_session, allow_bool=True)
+        if reset_on not in ("checkout", "return"):
+            raise ValueError(f"reset_on must be 'checkout' or 'return', not {reset_on!r}")
         _check_hook("is_valid", is_valid, allow_bool=False)
         _check_hook("configure", configure, allow_bool=False)
         _check_hook("classifier", classifier, allow_bool=False)
@@ -462,6 +466,9 @@ class Pool:
         self._ping_after = float(ping_after)
         self._ping_timeout = float(ping_timeout)
         self._reset_hook = reset_session
+        # reset a used connection when it comes back rather than before its
+        # next use: what the session held (a lock) goes with the caller
+        self._reset_on_return = bool(reset_session) and reset_on == "return"
         self._is_valid = is_valid
         self._configure = configure
         self._classifier = classifier
@@ -470,7 +477,7 @@ class Pool:
         self._driver_checked = False
         # How long after its last use a connection needs a look before reuse
         # (see _Conn.check_at): never, when every checkout runs a hook.
-        if reset_session or leak_timeout is not None:
+        if (reset_session and not self._reset_on_return) or leak_timeout is not None:
             self._recheck_after = -_INF
         else:
             self._recheck_after = min(self._max_idle_time, self._ping_after) if ping else self._max_idle_time
@@ -559,6 +566,7 @@ class Pool:
         _NO_TICKET, which matches nobody."""
         simple = (
             self._is_valid is None
+            and not self._reset_on_return
             and not self._closed
             and self._out is None
             and self._open <= self._max_size
@@ -1087,7 +1095,6 @@ class Pool:
             return "expired"
         if now - rec.last_used > self._max_idle_time:
             return "idle"
-        raw = rec.raw
         try:
             if suspect is None:
                 suspect = rec.poller is not None and bool(rec.poller.poll(0, 1))
@@ -1096,24 +1103,9 @@ class Pool:
                     return "bad"  # readable or hung up while idle, and no ping to ask
                 if not self._ping(rec):
                     return "bad"
-            if rec.used and self._reset_hook:
+            if rec.used and self._reset_hook and not self._reset_on_return:
                 with self._guarded_wait(rec):
-                    step = "reset_session"
-                    try:
-                        if self._reset_hook is True:
-                            self._driver.reset_session(raw)  # type: ignore[union-attr]
-                            if self._configure is not None:
-                                # the reset undid what configure set (RESET ALL,
-                                # COM_RESET_CONNECTION): set up again, as a new one
-                                step = "configure, after reset_session,"
-                                self._configure(raw)
-                                self._check_configured(raw)
-                            reset = True
-                        else:
-                            reset = self._reset_hook(raw) is not False
-                    except Exception as exc:
-                        logger.warning("pool %r: %s failed on connection %d: %r", self.name, step, rec.id, exc)
-                        reset = False
+                    reset = self._reset_session(rec)
                 if rec.cut:
                     return "bad"
                 if not reset:
@@ -1126,6 +1118,26 @@ class Pool:
             self._discard(rec, "bad")
             raise
         return None
+
+    def _reset_session(self, rec: _Conn) -> bool:
+        """Run ``reset_session`` on ``rec`` (inside a guarded wait of the
+        caller's); False if it failed or said no."""
+        raw = rec.raw
+        step = "reset_session"
+        try:
+            if self._reset_hook is True:
+                self._driver.reset_session(raw)  # type: ignore[union-attr]
+                if self._configure is not None:
+                    # the reset undid what configure set (RESET ALL,
+                    # COM_RESET_CONNECTION): set up again, as a new one
+                    step = "configure, after reset_session,"
+                    self._configure(raw)
+                    self._check_configured(raw)
+                return True
+            return self._reset_hook(raw) is not False  # type: ignore[misc,operator]
+        except Exception as exc:
+            logger.warning("pool %r: %s failed on connection %d: %r", self.name, step, rec.id, exc)
+            return False
 
     @contextlib.contextmanager
     def _guarded_wait(self, rec: _Conn, timeout: float | None = None, what: str = "") -> Iterator[None]:
@@ -1280,6 +1292,8 @@ class Pool:
             reason = self._restore_settings(rec)
             if reason is not None:
                 return reason
+        if self._reset_on_return and not self._reset_session(rec):
+            return "invalid"
         if self._is_valid is not None:
             try:
                 if not self._is_valid(raw):

@@ -77,6 +77,25 @@ def test_a_rollback_on_return_that_gets_no_answer_is_cut_at_ping_timeout(
         assert again.driver_connection is not raw
 
 
+def test_a_reset_on_return_that_gets_no_answer_is_cut(make_pool: Any, server: fakedb.Server, clock: Any) -> None:
+    pool = make_pool(max_size=1, reset_session=True, reset_on="return", ping_timeout=1.0)
+    conn = pool.acquire()
+    raw = conn.driver_connection
+    server.reset_hangs = True
+    t = threading.Thread(target=conn.close, daemon=True)  # the caller's close() waits for the reset
+    t.start()
+    waiting_for(raw, t)
+    server.reset_hangs = False
+    clock.advance(1.0)
+    pool._maintain()
+    t.join(5)
+    assert not t.is_alive() and raw.closed
+    assert pool.stats().closed_bad == 1
+    consistent(pool)
+    with pool.connection(timeout=1) as again:  # the slot is free
+        assert again.driver_connection is not raw
+
+
 def test_a_reset_at_checkout_that_gets_no_answer_is_cut_and_the_caller_gets_another(
     make_pool: Any, server: fakedb.Server, clock: Any
 ) -> None:

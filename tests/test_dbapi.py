@@ -523,7 +523,11 @@ def test_a_connect_gets_a_session_with_nothing_of_the_last_callers(net_backend: 
             for sql in leave:
                 cur.execute(sql)
             c.commit()
+            assert not net_backend.execute(lock_free)[0][0]
             c.close()
+            # freed by close(), as the driver's own close frees it: not when
+            # the connection is next handed out (up to max_idle_time later)
+            assert bool(net_backend.execute(lock_free)[0][0]) is clean
             c = m.connect(*args, poolkit=options or None, **kwargs) if options else m.connect(*args, **kwargs)
             assert net_backend.server_id(c.pooled.driver_connection) == first  # the same session, reused
             cur = c.cursor()

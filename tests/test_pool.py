@@ -39,6 +39,7 @@ from poolkit import Category, Classification, ConnectionReturned, Pool, PoolClos
         ({"lifetime_jitter": 1.5}, ValueError, "lifetime_jitter"),
         ({"ping": "yes"}, TypeError, "ping must be True/False, None or a callable"),
         ({"reset_session": 3}, TypeError, "reset_session must be"),
+        ({"reset_on": "close"}, ValueError, "reset_on must be 'checkout' or 'return', not 'close'"),
         ({"is_valid": True}, TypeError, "is_valid must be None or a callable"),
         ({"configure": 1}, TypeError, "configure must be"),
         ({"max_waiting": -1}, ValueError, "max_waiting must be >= 0"),
@@ -718,6 +719,44 @@ def test_configure_that_fails_after_the_reset_discards(make_pool: Any, caplog: A
     assert first.closed and pool.stats().closed_invalid == 1
     assert calls == [first.id, first.id, second.id]
     assert "configure, after reset_session, failed" in caplog.text and "no such schema" in caplog.text
+
+
+def test_reset_on_return_resets_when_the_connection_comes_back(make_pool: Any) -> None:
+    # What the session held goes with the caller: reset at its close(),
+    # not when the connection is next handed out (which may be much later).
+    def configure(raw: Any) -> None:
+        raw.cursor().execute("SET search_path = app")
+        raw.commit()
+
+    pool = make_pool(reset_session=True, reset_on="return", configure=configure)
+    with pool.connection() as conn:
+        raw = conn.driver_connection
+        conn.cursor().execute("SET search_path = evil")
+    assert raw.resets == 1  # at the return
+    assert raw.session == {"search_path": "app"}  # and set up again, as new
+    with pool.connection() as conn:
+        assert raw.resets == 1  # none at checkout
+        cur = conn.cursor()
+        cur.execute("SHOW search_path")
+        assert cur.fetchone() == ("app",)
+    assert raw.resets == 2
+    assert pool.stats().created == 1
+
+
+@pytest.mark.parametrize("mode", ["raises", "false"])
+def test_a_reset_on_return_that_fails_closes_the_connection(make_pool: Any, mode: str) -> None:
+    def reset(raw: Any) -> bool:
+        if mode == "raises":
+            raise RuntimeError("cannot reset")
+        return False
+
+    pool = make_pool(reset_session=reset, reset_on="return")
+    conn = pool.acquire()
+    raw = conn.driver_connection
+    conn.close()  # the caller sees nothing of it
+    assert raw.closed
+    s = pool.stats()
+    assert (s.closed_invalid, s.open, s.idle) == (1, 0, 0)
 
 
 @pytest.mark.parametrize("mode", ["raises", "false"])
