@@ -23,7 +23,7 @@ import traceback
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from poolkit.classify import Category, Classification, Classifier, classify
 from poolkit.drivers import BROKEN, IN_TRANSACTION, Driver, driver_for_connection, liveness_probe
@@ -401,7 +401,7 @@ class Pool:
         ping_after: float = 30.0,
         ping_timeout: float = 5.0,
         reset_session: bool | Hook | None = False,
-        reset_on: str = "checkout",
+        reset_on: Literal["checkout", "return"] = "checkout",
         is_valid: Hook | None = None,
         configure: Hook | None = None,
         name: str | None = None,
