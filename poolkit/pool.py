@@ -1958,6 +1958,23 @@ class PooledConnection:
         except Exception as exc:
             self._raise_observed(exc)
 
+    def _end(self, commit: bool) -> None:
+        """End the transaction the pool began (``pool.run``,
+        ``pool.transaction``) through the driver, which ends it whatever the
+        connection's mode: sqlite3's own commit() and rollback() do nothing
+        in autocommit mode, and the pool's BEGIN would have stayed open."""
+        rec = self._rec
+        if rec is None:
+            raise ConnectionReturned(_RETURNED)
+        driver: Driver = rec.pool._driver  # type: ignore[union-attr,assignment]
+        try:
+            if commit:
+                driver.commit(rec.raw)
+            else:
+                driver.rollback(rec.raw)
+        except Exception as exc:
+            self._raise_observed(exc, during_commit=commit)
+
     def close(self) -> None:
         """Return the connection to its pool. A second call does nothing.
 

@@ -500,7 +500,7 @@ def run(
                     except Exception as exc:
                         if not _is_integrity_error(exc):
                             raise
-                        conn.rollback()
+                        conn._end(commit=False)
                         logger.info("pool %r: request %r already committed; not run again", pool.name, request_id)
                         return None  # type: ignore[return-value]
                 rec = conn._own("pool.run()")
@@ -511,14 +511,14 @@ def run(
                 check_result(result, "pool.run()")
                 check_open(conn, "pool.run()")
                 state.stage = "commit"
-                conn.commit()
+                conn._end(commit=True)
                 return result
             except BaseException as exc:
                 if not isinstance(exc, AmbiguousCommitError):  # the ledger's, or commit()'s (noticed already)
                     conn._notice(exc, during_commit=state.stage == "commit")
                 if state.stage != "commit" and not conn.closed:
                     with contextlib.suppress(Exception):
-                        conn.rollback()
+                        conn._end(commit=False)
                 raise
             finally:
                 conn.close()
@@ -540,9 +540,9 @@ def transaction(pool: Pool, timeout: float | None = None, level: str | None = No
         except BaseException as exc:
             conn._notice(exc)
             with contextlib.suppress(Exception):
-                conn.rollback()
+                conn._end(commit=False)
             raise
         check_open(conn, "pool.transaction()")
-        conn.commit()
+        conn._end(commit=True)
     finally:
         conn.close()

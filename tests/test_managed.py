@@ -13,6 +13,9 @@ that refusal is taken out: the write lands twice, half of it is lost, or
 
 from __future__ import annotations
 
+import functools
+import sqlite3
+import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -265,3 +268,35 @@ def test_sqlite_with_conn_inside_the_work_returns_it_and_commits_nothing(sqlite_
         with pytest.raises(ManagedTransactionError, match="returned to its pool"):
             pool.run(fn)
     assert count(sqlite_backend, table) == 0
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(
+    sys.version_info < (3, 12),
+    reason="sqlite3's autocommit attribute is Python 3.12+: the py313 tox environment runs this",
+)
+def test_sqlite_autocommit_mode_gets_its_transactions_ended(sqlite_backend: Any, table: str) -> None:
+    # In autocommit mode (autocommit=True) sqlite3's commit() and rollback()
+    # do nothing. The BEGIN that run and transaction send stayed open: their
+    # commit committed nothing (the writes were lost, and the calls reported
+    # success), and the next borrower got the open transaction, as it got one
+    # a caller began in SQL and returned.
+    connect = functools.partial(
+        sqlite3.connect, sqlite_backend.extra["path"], check_same_thread=False, timeout=0.2, autocommit=True
+    )
+    with Pool(connect, max_size=1, retry=FAST) as pool:
+        pool.run(lambda conn: conn.execute(f"INSERT INTO {table} (id, v) VALUES (1, 'run')"))
+        with pool.transaction() as conn:
+            conn.execute(f"INSERT INTO {table} (id, v) VALUES (2, 'transaction')")
+        assert count(sqlite_backend, table) == 2  # seen from another connection: committed
+
+        with pytest.raises(RuntimeError, match="changed my mind"), pool.transaction() as conn:
+            conn.execute(f"INSERT INTO {table} (id, v) VALUES (3, 'rolled back')")
+            raise RuntimeError("changed my mind")
+        with pool.connection() as conn:
+            assert not conn.driver_connection.in_transaction
+            conn.execute("BEGIN")
+            conn.execute(f"INSERT INTO {table} (id, v) VALUES (4, 'left open')")
+        with pool.connection() as conn:  # the same connection: rolled back on return
+            assert not conn.driver_connection.in_transaction
+    assert count(sqlite_backend, table) == 2

@@ -151,8 +151,13 @@ class Driver:
         return UNKNOWN
 
     def rollback(self, conn: Any) -> None:
-        """Roll back the connection's open transaction (on return to the pool)."""
+        """Roll back the connection's open transaction (on return to the
+        pool, and a failed ``pool.run`` or ``pool.transaction``)."""
         conn.rollback()
+
+    def commit(self, conn: Any) -> None:
+        """Commit the transaction ``pool.run`` or ``pool.transaction`` began."""
+        conn.commit()
 
     #: settings the driver's connection changes through a method of that
     #: name (PyMySQL's ``conn.autocommit(True)``), not by assignment
@@ -340,6 +345,10 @@ class DelegatingDriver(Driver):
     def rollback(self, conn: Any) -> None:
         raw, d = self._inner(conn)
         d.rollback(raw)
+
+    def commit(self, conn: Any) -> None:
+        raw, d = self._inner(conn)
+        d.commit(raw)
 
     def setting_is_method(self, conn: Any, name: str) -> bool:
         raw, d = self._inner(conn)

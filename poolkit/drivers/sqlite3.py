@@ -42,6 +42,25 @@ class SQLite3Driver(Driver):
         if not conn.in_transaction:
             conn.execute(f"BEGIN {conn.isolation_level or ''}".rstrip())
 
+    def rollback(self, conn: Any) -> None:
+        # In autocommit mode (autocommit=True, Python 3.12+) sqlite3's
+        # rollback() and commit() do nothing, and a transaction begun in SQL
+        # (or by begin() above) stayed open: the next borrower got it, and
+        # pool.run's commit committed nothing. The pool's own end of it is
+        # sent as SQL then.
+        if getattr(conn, "autocommit", None) is True:  # 3.12+
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        else:
+            conn.rollback()
+
+    def commit(self, conn: Any) -> None:
+        if getattr(conn, "autocommit", None) is True:  # see rollback()
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+        else:
+            conn.commit()
+
     def placeholder(self, conn: Any) -> str:
         return "?"
 
