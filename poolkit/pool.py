@@ -972,6 +972,8 @@ class Pool:
         undo what it set, for every later borrower. As psycopg_pool does, the
         connection is refused, with the fix named."""
         state = self._driver.transaction_state(raw)  # type: ignore[union-attr]
+        if state == IN_TRANSACTION and self._driver.keeps_transaction_open(raw):  # type: ignore[union-attr]
+            return  # the one a commit in configure began: nothing of configure's is in it
         if state in (IN_TRANSACTION, BROKEN):
             left = "in a transaction" if state == IN_TRANSACTION else "broken"
             raise ValueError(

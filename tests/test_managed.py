@@ -300,3 +300,30 @@ def test_sqlite_autocommit_mode_gets_its_transactions_ended(sqlite_backend: Any,
         with pool.connection() as conn:  # the same connection: rolled back on return
             assert not conn.driver_connection.in_transaction
     assert count(sqlite_backend, table) == 2
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(
+    sys.version_info < (3, 12),
+    reason="sqlite3's autocommit attribute is Python 3.12+: the py313 tox environment runs this",
+)
+def test_sqlite_with_autocommit_false_takes_a_configure_that_commits(sqlite_backend: Any, table: str) -> None:
+    # With autocommit=False sqlite3 keeps a transaction open at all times: a
+    # commit() begins the next. A configure that committed was refused as
+    # one that "left the connection in a transaction", with the advice to
+    # commit, which it had done.
+    def configure(raw: Any) -> None:
+        raw.execute("CREATE TEMP TABLE configured (x INT)")
+        raw.execute("INSERT INTO configured VALUES (1)")
+        raw.commit()
+
+    connect = functools.partial(
+        sqlite3.connect, sqlite_backend.extra["path"], check_same_thread=False, timeout=0.2, autocommit=False
+    )
+    with Pool(connect, max_size=1, retry=FAST, configure=configure) as pool:
+        for i in range(2):  # what configure committed outlives the rollback on return
+            with pool.connection() as conn:
+                assert conn.execute("SELECT count(*) FROM configured").fetchone() == (1,)
+            pool.run(lambda conn, i=i: conn.execute(f"INSERT INTO {table} (id, v) VALUES ({i}, 'run')"))
+        assert pool.stats().created == 1
+    assert count(sqlite_backend, table) == 2

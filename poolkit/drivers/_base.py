@@ -159,6 +159,12 @@ class Driver:
         """Commit the transaction ``pool.run`` or ``pool.transaction`` began."""
         conn.commit()
 
+    def keeps_transaction_open(self, conn: Any) -> bool:
+        """Whether the connection has a transaction open at all times, a new
+        one begun as the last ends (sqlite3's ``autocommit=False``): one
+        open after ``configure`` then holds nothing of it."""
+        return False
+
     #: settings the driver's connection changes through a method of that
     #: name (PyMySQL's ``conn.autocommit(True)``), not by assignment
     setting_methods: frozenset[str] = frozenset()
@@ -349,6 +355,10 @@ class DelegatingDriver(Driver):
     def commit(self, conn: Any) -> None:
         raw, d = self._inner(conn)
         d.commit(raw)
+
+    def keeps_transaction_open(self, conn: Any) -> bool:
+        raw, d = self._inner(conn)
+        return d.keeps_transaction_open(raw)
 
     def setting_is_method(self, conn: Any, name: str) -> bool:
         raw, d = self._inner(conn)

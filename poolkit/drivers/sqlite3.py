@@ -61,6 +61,11 @@ class SQLite3Driver(Driver):
         else:
             conn.commit()
 
+    def keeps_transaction_open(self, conn: Any) -> bool:
+        # autocommit=False (Python 3.12+): sqlite3 begins a transaction at
+        # connect and again after each commit() and rollback()
+        return getattr(conn, "autocommit", None) is False
+
     def placeholder(self, conn: Any) -> str:
         return "?"
 
