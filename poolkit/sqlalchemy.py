@@ -359,6 +359,15 @@ def _begin_on_sqlite(conn: Any) -> None:
     dbapi = conn.connection.dbapi_connection
     driver = driver_for_connection(dbapi)
     if driver.name == "sqlite3":
+        if getattr(dbapi, "autocommit", None) is True:
+            # Python 3.12+: sqlite3's commit() and rollback() do nothing in
+            # this mode, so SQLAlchemy's would leave run's transaction open
+            # and the work uncommitted (while run reported success)
+            raise exc.ArgumentError(
+                f"{_RUN} needs a transaction, and this sqlite3 connection is in autocommit mode "
+                "(autocommit=True), where SQLAlchemy's commit() does nothing: the work would never be "
+                'committed. Open it with autocommit=False or sqlite3\'s default (connect_args={"autocommit": ...})'
+            )
         driver.begin(dbapi)
 
 

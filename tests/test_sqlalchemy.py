@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -497,6 +498,33 @@ def test_run_refuses_an_autocommit_engine(backend: Any, tmp_path: Any) -> None:
         fixed = eng.execution_options(isolation_level=level)
         assert pksa.run(fixed, lambda c: 7, request_id="auto-2", ledger_table=ledger) == 7
         assert rows(eng, ledger) == 1
+
+
+@pytest.mark.skipif(
+    sys.version_info < (3, 12),
+    reason="sqlite3's autocommit attribute is Python 3.12+: the py313 tox environment runs this",
+)
+@pytest.mark.parametrize("pool", ["poolkit", "queuepool"])
+def test_run_refuses_a_sqlite3_connection_in_autocommit_mode(sqlite_backend: Any, tmp_path: Any, pool: str) -> None:
+    # sqlite3's commit() does nothing with autocommit=True: the BEGIN that
+    # run sends on SQLite stayed open, SQLAlchemy's commit committed nothing,
+    # and run returned as if the insert had landed (it had not).
+    url = url_for(sqlite_backend, tmp_path) + ("?plugin=poolkit" if pool == "poolkit" else "")
+    with engine_with_table(url, "sa_sqlite_ac", connect_args={"autocommit": True}) as (eng, _):
+        calls = 0
+
+        def work(c: Any) -> None:
+            nonlocal calls
+            calls += 1
+            c.execute(text("INSERT INTO sa_sqlite_ac (id) VALUES (1)"))
+
+        for bind in (eng, sessionmaker(eng)):
+            with pytest.raises(exc.ArgumentError, match=r"autocommit mode \(autocommit=True\)"):
+                pksa.run(bind, work)
+        assert calls == 0
+    with engine_with_table(url, "sa_sqlite_ac", connect_args={"autocommit": False}) as (eng, _):
+        pksa.run(eng, work)  # the fix the error names
+        assert calls == 1 and rows(eng, "sa_sqlite_ac") == 1
 
 
 def test_run_refuses_async_work(sqlite_backend: Any, tmp_path: Any) -> None:
