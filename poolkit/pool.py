@@ -1960,6 +1960,31 @@ class PooledConnection:
         except Exception as exc:
             self._raise_observed(exc)
 
+    @property
+    def ping(self) -> Callable[..., Any]:
+        """The driver's own ``ping()`` (PyMySQL's), which never reconnects
+        here, whatever it is asked: PyMySQL's ``ping(reconnect=True)`` (its
+        default before 1.2) opened a new session behind the pool's back, and
+        work in ``pool.run`` went on in it, outside its transaction: the
+        half done before was lost, the rest committed, and the call reported
+        success. A dead connection raises, and the pool replaces it. (An
+        AttributeError, as before, for a driver whose connections have none.)"""
+        rec = self._rec
+        if rec is None:
+            raise ConnectionReturned(_RETURNED)
+        return functools.partial(self._ping, rec, rec.raw.ping)
+
+    def _ping(self, rec: _Conn, ping: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self._rec is not rec:
+            raise ConnectionReturned(_RETURNED)
+        keep = rec.pool._driver.no_reconnect(rec.raw)  # type: ignore[union-attr]
+        if keep:
+            args, kwargs = (), {**{k: v for k, v in kwargs.items() if k not in keep}, **keep}
+        try:
+            return ping(*args, **kwargs)
+        except Exception as exc:
+            self._raise_observed(exc)
+
     def _end(self, commit: bool) -> None:
         """End the transaction the pool began (``pool.run``,
         ``pool.transaction``) through the driver, which ends it whatever the

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+import poolkit
 from poolkit import Pool
 from poolkit.testing import Faulty
 
@@ -206,6 +207,31 @@ def test_the_next_borrower_is_on_the_database_the_connection_was_opened_on(maria
             assert conn.driver_connection is not first
             assert database(conn) == "None"
         assert pool.stats().closed == 1
+
+
+def test_a_ping_through_the_pool_never_reconnects(maria: Any, table: str) -> None:
+    # PyMySQL's conn.ping(reconnect=True) (the default before PyMySQL 1.2, and
+    # a common idiom) opened a new session behind the pool's back: work in
+    # pool.run went on in it, outside its transaction, so the insert before
+    # the ping was lost, the one after it committed, and run reported success.
+    with Pool(maria.connect, max_size=1) as pool:
+        with pool.connection() as conn:
+            session = maria.server_id(conn.driver_connection)
+            conn.ping(reconnect=True)  # alive: a ping, and the same session
+            conn.ping()
+            assert maria.server_id(conn.driver_connection) == session
+
+        def work(conn: Any) -> None:
+            conn.cursor().execute(f"INSERT INTO {table} (id, v) VALUES (1, 'before')")
+            maria.kill(conn.driver_connection)
+            conn.ping(reconnect=True)
+            conn.cursor().execute(f"INSERT INTO {table} (id, v) VALUES (2, 'after')")
+
+        with pytest.raises(Exception) as caught:
+            pool.run(work)
+        assert poolkit.classify(caught.value).category is poolkit.Category.BAD_CONNECTION
+        assert pool.stats().closed_bad == 1
+    assert maria.execute(f"SELECT count(*) FROM {table}")[0][0] == 0  # neither half
 
 
 def test_configure_that_leaves_a_transaction_open_is_refused(pg: Any) -> None:

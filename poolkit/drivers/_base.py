@@ -159,6 +159,12 @@ class Driver:
         """Commit the transaction ``pool.run`` or ``pool.transaction`` began."""
         conn.commit()
 
+    def no_reconnect(self, conn: Any) -> dict[str, Any]:
+        """Keyword arguments that keep the connection's own ``ping()`` from
+        reconnecting (PyMySQL's ``reconnect``): a pooled connection must not
+        become a new session behind the pool's back."""
+        return {}
+
     def keeps_transaction_open(self, conn: Any) -> bool:
         """Whether the connection has a transaction open at all times, a new
         one begun as the last ends (sqlite3's ``autocommit=False``): one
@@ -355,6 +361,10 @@ class DelegatingDriver(Driver):
     def commit(self, conn: Any) -> None:
         raw, d = self._inner(conn)
         d.commit(raw)
+
+    def no_reconnect(self, conn: Any) -> dict[str, Any]:
+        raw, d = self._inner(conn)
+        return d.no_reconnect(raw)
 
     def keeps_transaction_open(self, conn: Any) -> bool:
         raw, d = self._inner(conn)

@@ -102,6 +102,11 @@ class PyMySQLDriver(Driver):
             execute_each(conn, [conn.init_command])
         conn.autocommit(conn.autocommit_mode)  # last, as connect(): the reset put it back to the server's
 
+    def no_reconnect(self, conn: Any) -> dict[str, Any]:
+        # ping()'s default was reconnect=True before PyMySQL 1.2, and
+        # conn.ping(reconnect=True) is a common idiom
+        return {"reconnect": False}
+
     def begin(self, conn: Any, isolation_level: str | None = None) -> None:
         # MySQL's SET TRANSACTION sets the level of the next transaction, and
         # is refused inside one: it goes first
