@@ -112,6 +112,7 @@ class _Conn:
 
     __slots__ = (
         "__weakref__",
+        "adopted",
         "bad",
         "check_at",
         "checked_out_at",
@@ -179,6 +180,7 @@ class _Conn:
         # (reset_session, leak tracking); set by Pool._touch
         self.check_at = expires_at
         self.used = False  # handed out and returned at least once
+        self.adopted = False  # opened for nobody, and on its way to the idle stack (see Pool._adopt)
         self.bad = ""  # set to a reason when an error showed the connection unusable
         self.poller: Any = None
         # its socket (Driver.cut_fd), for Pool._cut_overdue; None: none to cut
@@ -915,6 +917,7 @@ class Pool:
         waiting): to the next waiter, or the idle stack."""
         with self._lock:
             self._acquired -= 1  # _open_in_slot counted a checkout; nobody checked it out
+        rec.adopted = True  # no session to reset: nobody used it
         self._release(rec)
 
     def _open_in_slot(self, deadline: float, quiet: bool = False) -> _Conn | None:
@@ -1294,8 +1297,11 @@ class Pool:
             reason = self._restore_settings(rec)
             if reason is not None:
                 return reason
-        if self._reset_on_return and not self._reset_session(rec):
-            return "invalid"
+        if self._reset_on_return:
+            if rec.adopted:
+                rec.adopted = False
+            elif not self._reset_session(rec):
+                return "invalid"
         if self._is_valid is not None:
             try:
                 if not self._is_valid(raw):

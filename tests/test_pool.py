@@ -743,6 +743,18 @@ def test_reset_on_return_resets_when_the_connection_comes_back(make_pool: Any) -
     assert pool.stats().created == 1
 
 
+def test_reset_on_return_leaves_connections_opened_for_nobody_alone(make_pool: Any, server: fakedb.Server) -> None:
+    # min_size's connections go to the idle stack through the return path;
+    # nobody used their sessions, so there is nothing to reset.
+    pool = make_pool(min_size=2, reset_session=True, reset_on="return")
+    pool._maintain()
+    assert pool.stats().idle == 2
+    assert [c.resets for c in server.connections] == [0, 0]
+    with pool.connection() as conn:
+        raw = conn.driver_connection
+    assert raw.resets == 1  # handed out: reset when it came back
+
+
 @pytest.mark.parametrize("mode", ["raises", "false"])
 def test_a_reset_on_return_that_fails_closes_the_connection(make_pool: Any, mode: str) -> None:
     def reset(raw: Any) -> bool:
