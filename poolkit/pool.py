@@ -917,7 +917,7 @@ class Pool:
         waiting): to the next waiter, or the idle stack."""
         with self._lock:
             self._acquired -= 1  # _open_in_slot counted a checkout; nobody checked it out
-        rec.adopted = True  # no session to reset: nobody used it
+        rec.adopted = self._reset_on_return  # no session to reset: nobody used it
         self._release(rec)
 
     def _open_in_slot(self, deadline: float, quiet: bool = False) -> _Conn | None:
