@@ -2130,7 +2130,14 @@ class PooledConnection:
             raise AttributeError(f"this PooledConnection was not made by a pool: {name} is not set")
         if name == "begin":  # PyMySQL's: MySQL commits the open transaction first
             self._refuse_if_owned("begin(), which commits the open transaction first (MySQL),")
-        return getattr(self._raw(), name)
+        raw = self._raw()
+        if name.startswith("set_") and name[4:] in SETTINGS and callable(getattr(raw, name, None)):
+            # psycopg's set_autocommit(), set_read_only()...: the setting, by
+            # another name, saved and put back on return like an assignment
+            # (left on, the next borrower's writes committed as they ran, or
+            # failed as read-only, which reads as a failover)
+            return functools.partial(self._set_setting, name[4:])
+        return getattr(raw, name)
 
     def __enter__(self) -> PooledConnection:
         return self

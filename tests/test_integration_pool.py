@@ -147,6 +147,31 @@ def test_a_read_only_session_is_not_left_to_the_next_borrower(pg: Any, table: st
     assert pg.execute(f"SELECT count(*) FROM {table}")[0][0] == 1
 
 
+def test_psycopgs_set_methods_are_settings_too(pg: Any, table: str) -> None:
+    # conn.set_autocommit(True), set_read_only(True)... change what the
+    # assignments change, and were read through to the driver: left on for
+    # the next borrower, whose uncommitted write committed as it ran, and
+    # whose writes then failed as read-only (a false failover).
+    import psycopg
+
+    with Pool(pg.connect, max_size=1) as pool:
+        with pool.connection() as conn:
+            conn.set_autocommit(True)
+            conn.set_read_only(True)
+            conn.set_isolation_level(psycopg.IsolationLevel.SERIALIZABLE)
+            conn.set_deferrable(True)
+            assert conn.autocommit and conn.read_only and conn.deferrable
+        with pool.connection() as conn:
+            assert (conn.autocommit, conn.read_only, conn.isolation_level, conn.deferrable) == (False, None, None, None)
+            conn.cursor().execute(f"INSERT INTO {table} (id, v) VALUES (1, 'uncommitted')")  # rolled back on return
+        with pytest.raises(poolkit.ManagedTransactionError, match="a change of autocommit"):
+            pool.run(lambda conn: conn.set_autocommit(True))
+        with pool.connection() as conn, pytest.raises(AttributeError):
+            conn.set_no_such_thing  # noqa: B018 - not a setting: the driver's AttributeError
+        assert pool.stats().generation == 0
+    assert pg.execute(f"SELECT count(*) FROM {table}")[0][0] == 0
+
+
 @pytest.mark.parametrize("reset", [True, False])
 def test_session_state_is_gone_for_the_next_borrower_with_reset_session(net_backend: Any, reset: bool) -> None:
     if net_backend.name == "postgresql":
