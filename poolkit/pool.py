@@ -95,6 +95,12 @@ def _owned(where: str, what: str) -> ManagedTransactionError:
 _INHERITED: list[Any] = []
 _NO_TICKET = object()  # nobody's ticket: see Pool._update_return_path_locked
 _unset = object()  # a setting the connection did not have before the caller set it
+_unknown = object()  # a setting whose value before cannot be read, so cannot be put back
+# sqlite3's: what they install (an authorizer that denies, a progress handler
+# that interrupts, a trace callback that sees every statement, a lower limit)
+# has no getter to save and restore, and would stay for the next borrower.
+# A connection a caller changed with one is closed on return, not reused.
+_UNRESTORABLE = frozenset({"set_authorizer", "set_progress_handler", "set_trace_callback", "setlimit"})
 _ALL_POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()
 
 
@@ -1321,6 +1327,14 @@ class Pool:
         assert saved is not None
         try:
             for name, value in saved.items():
+                if value is _unknown:
+                    logger.warning(
+                        "pool %r: closing connection %d on return: %s() cannot be undone for the next borrower",
+                        self.name,
+                        rec.id,
+                        name,
+                    )
+                    return "changed"
                 if value is _unset:
                     delattr(rec.raw, name)
                 else:
@@ -2137,7 +2151,25 @@ class PooledConnection:
             # (left on, the next borrower's writes committed as they ran, or
             # failed as read-only, which reads as a failover)
             return functools.partial(self._set_setting, name[4:])
+        if name in _UNRESTORABLE and callable(getattr(raw, name, None)):
+            return functools.partial(self._set_unrestorable, name)
         return getattr(raw, name)
+
+    def _set_unrestorable(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """A call of ``name`` (see ``_UNRESTORABLE``) on the driver's
+        connection, which is then closed on return rather than reused."""
+        rec = self._rec
+        if rec is None:
+            raise ConnectionReturned(_RETURNED)
+        try:
+            result = getattr(rec.raw, name)(*args, **kwargs)
+        except Exception as exc:
+            self._raise_observed(exc)
+        if rec.saved is None:
+            rec.saved = {}
+        rec.saved[name] = _unknown
+        rec.ticket = None  # off the plain return path: close() sees the mark
+        return result
 
     def __enter__(self) -> PooledConnection:
         return self

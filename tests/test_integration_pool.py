@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sqlite3
 import threading
 import time
 from typing import Any
@@ -423,3 +424,36 @@ def test_pymysql_with_tls_disabled_gets_no_advice(maria: Any, caplog: Any) -> No
         with pool.connection() as conn:
             conn.cursor().execute("SELECT 1")
     assert _tls_advice(caplog) == []
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda conn: conn.set_authorizer(lambda *a: sqlite3.SQLITE_DENY),
+        lambda conn: conn.set_progress_handler(lambda: 1, 1),
+        lambda conn: conn.set_trace_callback(print),
+        lambda conn: conn.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, 10),
+    ],
+    ids=["authorizer", "progress_handler", "trace_callback", "setlimit"],
+)
+def test_sqlite_handlers_a_borrower_installs_do_not_reach_the_next(
+    sqlite_backend: Any, table: str, call: Any, caplog: Any
+) -> None:
+    # sqlite3's set_authorizer(), set_progress_handler(), set_trace_callback()
+    # and setlimit() have no getter to save and restore: left for the next
+    # borrower, its statements were denied, interrupted, traced (with their
+    # values) or refused as too long. The connection is closed instead.
+    with Pool(sqlite_backend.connect, max_size=1) as pool:
+        with pool.connection() as conn:
+            first = conn.driver_connection
+            call(conn)
+        with pool.connection() as conn:
+            assert conn.driver_connection is not first
+            conn.execute(f"INSERT INTO {table} (id, v) VALUES (1, 'the next borrower, unhindered')")
+            conn.commit()
+        assert "cannot be undone for the next borrower" in caplog.text
+        with pool.connection() as conn:  # no such call: kept
+            second = conn.driver_connection
+        with pool.connection() as conn:
+            assert conn.driver_connection is second
+    assert sqlite_backend.execute(f"SELECT count(*) FROM {table}")[0][0] == 1
