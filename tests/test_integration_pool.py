@@ -457,3 +457,26 @@ def test_sqlite_handlers_a_borrower_installs_do_not_reach_the_next(
         with pool.connection() as conn:
             assert conn.driver_connection is second
     assert sqlite_backend.execute(f"SELECT count(*) FROM {table}")[0][0] == 1
+
+
+def test_a_character_set_a_borrower_sets_does_not_reach_the_next(maria: Any, table: str) -> None:
+    # PyMySQL's set_character_set() changes the session's and the client's
+    # character set together: the next borrower read utf8mb4 text as latin1
+    # ('?' for what latin1 cannot hold), and a read-modify-write stored it.
+    maria.execute(f"ALTER TABLE {table} CONVERT TO CHARACTER SET utf8mb4")
+    maria.execute(f"INSERT INTO {table} (id, v) VALUES (1, 'José 李')")
+    with Pool(maria.connect, max_size=1) as pool:
+        with pool.connection() as conn:
+            first = conn.driver_connection
+            conn.set_character_set("latin1")
+
+        def shout(conn: Any) -> str:
+            cur = conn.cursor()
+            cur.execute(f"SELECT v FROM {table} WHERE id = 1")
+            (v,) = cur.fetchone()
+            cur.execute(f"UPDATE {table} SET v = %s WHERE id = 1", (v.upper(),))
+            return str(v)
+
+        assert pool.run(shout) == "José 李"
+        assert pool.stats().created == 2 and first.open is False
+    assert maria.execute(f"SELECT v FROM {table}")[0][0] == "JOSÉ 李"
