@@ -99,13 +99,27 @@ _unknown = object()  # a setting whose value before cannot be read, so cannot be
 # What these change would stay for the next borrower, and cannot be put back
 # as a setting is: sqlite3's install what has no getter to save (an
 # authorizer that denies, a progress handler that interrupts, a trace
-# callback that sees every statement, a lower limit); PyMySQL's change the
+# callback that sees every statement, a lower limit, a configuration flag,
+# extension loading), or replace the database with an in-memory copy
+# (deserialize: the next borrower's commits went there, and were lost at
+# close); PyMySQL's change the
 # character set of the server's session and of the client together (the
 # next borrower read utf8mb4 text as latin1, '?' for what it cannot hold,
 # and a read-modify-write stored the '?'). A connection a caller changed
 # with one is closed on return, not reused.
 _UNRESTORABLE = frozenset(
-    {"set_authorizer", "set_progress_handler", "set_trace_callback", "setlimit", "set_character_set", "set_charset"}
+    {
+        "set_authorizer",
+        "set_progress_handler",
+        "set_trace_callback",
+        "setlimit",
+        "setconfig",
+        "enable_load_extension",
+        "load_extension",
+        "deserialize",
+        "set_character_set",
+        "set_charset",
+    }
 )
 _ALL_POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sqlite3
+import sys
 import threading
 import time
 from typing import Any
@@ -433,16 +434,23 @@ def test_pymysql_with_tls_disabled_gets_no_advice(maria: Any, caplog: Any) -> No
         lambda conn: conn.set_progress_handler(lambda: 1, 1),
         lambda conn: conn.set_trace_callback(print),
         lambda conn: conn.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, 10),
+        lambda conn: conn.deserialize(conn.serialize()),
+        pytest.param(
+            lambda conn: conn.setconfig(sqlite3.SQLITE_DBCONFIG_ENABLE_FKEY, True),
+            marks=pytest.mark.skipif(sys.version_info < (3, 12), reason="setconfig is Python 3.12+ (py313 runs it)"),
+        ),
     ],
-    ids=["authorizer", "progress_handler", "trace_callback", "setlimit"],
+    ids=["authorizer", "progress_handler", "trace_callback", "setlimit", "deserialize", "setconfig"],
 )
 def test_sqlite_handlers_a_borrower_installs_do_not_reach_the_next(
     sqlite_backend: Any, table: str, call: Any, caplog: Any
 ) -> None:
-    # sqlite3's set_authorizer(), set_progress_handler(), set_trace_callback()
-    # and setlimit() have no getter to save and restore: left for the next
-    # borrower, its statements were denied, interrupted, traced (with their
-    # values) or refused as too long. The connection is closed instead.
+    # sqlite3's set_authorizer(), set_progress_handler(), set_trace_callback(),
+    # setlimit() and setconfig() have no getter to save and restore: left for
+    # the next borrower, its statements were denied, interrupted, traced (with
+    # their values) or refused as too long. deserialize() swaps the database
+    # for an in-memory copy: the next borrower's commit went there, and was
+    # lost at close. The connection is closed instead.
     with Pool(sqlite_backend.connect, max_size=1) as pool:
         with pool.connection() as conn:
             first = conn.driver_connection
