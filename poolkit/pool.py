@@ -107,6 +107,21 @@ _unknown = object()  # a setting whose value before cannot be read, so cannot be
 # next borrower read utf8mb4 text as latin1, '?' for what it cannot hold,
 # and a read-modify-write stored the '?'). A connection a caller changed
 # with one is closed on return, not reused.
+# psycopg's: a handler a caller adds through the proxy is removed on return.
+# Left, handlers piled up with every checkout (a leak, each one holding what
+# its caller's closure held) and were handed the next borrowers' notices.
+_UNDONE_BY = {"add_notice_handler": "remove_notice_handler", "add_notify_handler": "remove_notify_handler"}
+
+
+class _Undo:
+    """In ``_Conn.saved``: what undoes a call made through the proxy."""
+
+    __slots__ = ("undo",)
+
+    def __init__(self, undo: Callable[[], Any]) -> None:
+        self.undo = undo
+
+
 _UNRESTORABLE = frozenset(
     {
         "set_authorizer",
@@ -1347,6 +1362,10 @@ class Pool:
         assert saved is not None
         try:
             for name, value in saved.items():
+                if isinstance(value, _Undo):
+                    with contextlib.suppress(ValueError):  # the caller removed it already
+                        value.undo()
+                    continue
                 if value is _unknown:
                     logger.warning(
                         "pool %r: closing connection %d on return: %s() cannot be undone for the next borrower",
@@ -2173,7 +2192,27 @@ class PooledConnection:
             return functools.partial(self._set_setting, name[4:])
         if name in _UNRESTORABLE and callable(getattr(raw, name, None)):
             return functools.partial(self._set_unrestorable, name)
+        if name in _UNDONE_BY and callable(getattr(raw, name, None)):
+            return functools.partial(self._call_undone, name)
         return getattr(raw, name)
+
+    def _call_undone(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """A call of ``name`` (see ``_UNDONE_BY``) on the driver's
+        connection, undone when the connection is returned."""
+        rec = self._rec
+        if rec is None:
+            raise ConnectionReturned(_RETURNED)
+        try:
+            result = getattr(rec.raw, name)(*args, **kwargs)
+        except Exception as exc:
+            self._raise_observed(exc)
+        if rec.saved is None:
+            rec.saved = {}
+        rec.saved[f"{name}#{len(rec.saved)}"] = _Undo(
+            functools.partial(getattr(rec.raw, _UNDONE_BY[name]), *args, **kwargs)
+        )
+        rec.ticket = None  # off the plain return path: close() undoes it
+        return result
 
     def _set_unrestorable(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """A call of ``name`` (see ``_UNRESTORABLE``) on the driver's

@@ -488,3 +488,32 @@ def test_a_character_set_a_borrower_sets_does_not_reach_the_next(maria: Any, tab
         assert pool.run(shout) == "José 李"
         assert pool.stats().created == 2 and first.open is False
     assert maria.execute(f"SELECT v FROM {table}")[0][0] == "JOSÉ 李"
+
+
+def test_psycopg_handlers_a_borrower_adds_are_removed_on_return(pg: Any) -> None:
+    # add_notice_handler() and add_notify_handler() through the proxy piled
+    # up on the driver's connection with every checkout (a leak, each holding
+    # what its caller's closure held), and the next borrowers' notices went
+    # to every earlier borrower's handler.
+    def notice(conn: Any) -> None:
+        conn.execute("DO $$ BEGIN RAISE NOTICE 'hello'; END $$")
+
+    with Pool(pg.connect, max_size=1) as pool:
+        heard: list[int] = []
+        for i in range(3):
+            with pool.connection() as conn:
+                conn.add_notice_handler(lambda diag, i=i: heard.append(i))
+                conn.add_notify_handler(lambda n: None)
+                notice(conn)
+                raw = conn.driver_connection
+        assert heard == [0, 1, 2]  # each borrower heard its own notice only
+        with pool.connection() as conn:
+            assert conn.driver_connection is raw
+            notice(conn)
+            handler = heard.append
+            conn.add_notice_handler(handler)
+            conn.remove_notice_handler(handler)  # removed by the caller: nothing left to undo
+        assert heard == [0, 1, 2]
+        assert not raw._notice_handlers and not raw._notify_handlers
+        with pool.connection() as conn:  # and the connection is kept
+            assert conn.driver_connection is raw
