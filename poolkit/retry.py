@@ -274,6 +274,19 @@ def _log_retry(pool: Pool, policy: Retry, stage: str, rs: tenacity.RetryCallStat
     )
 
 
+def check_call(idempotent: Any, request_id: Any) -> None:
+    """The options of a ``run`` call, checked before any checkout.
+    ``idempotent`` must be a bool: a truthy string from a configuration
+    ("no", "false") would let work that must not run twice be retried."""
+    if not isinstance(idempotent, bool):
+        raise TypeError(f"idempotent must be True or False, not {type(idempotent).__name__} {idempotent!r}")
+    if request_id is not None:
+        if not isinstance(request_id, str):
+            raise TypeError(f"request_id must be a str or None, not {type(request_id).__name__}")
+        if not 0 < len(request_id) <= 200:
+            raise ValueError(f"request_id must be a non-empty str of at most 200 characters, got {len(request_id)}")
+
+
 def check_work(fn: Any, where: str) -> None:
     """Refuse, before any checkout, work that ``where`` (``pool.run()``)
     cannot run in its transaction: not callable, or an async or generator
@@ -454,8 +467,7 @@ def run(
     isolation_level: str | enum.Enum | None = None,
 ) -> T:
     check_work(fn, "pool.run()")
-    if request_id is not None and (not isinstance(request_id, str) or not 0 < len(request_id) <= 200):
-        raise ValueError("request_id must be a non-empty str of at most 200 characters")
+    check_call(idempotent, request_id)
     level = isolation(isolation_level)
     policy = _policy_from(pool.retry, retry)
     ledger = pool.ledger if request_id is not None else None

@@ -45,6 +45,7 @@ from poolkit.retry import (
     _Attempt,
     _policy_from,
     bounded_ledger_insert,
+    check_call,
     check_result,
     check_work,
     ledger_wait,
@@ -420,6 +421,7 @@ def run(
     from poolkit.retry import Ledger
 
     check_work(fn, _RUN)
+    check_call(idempotent, request_id)
     engine = _engine_of(bind)
     root = engine
     while (proxied := getattr(root, "_proxied", None)) is not None:

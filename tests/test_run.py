@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import fakedb
@@ -391,3 +392,25 @@ def test_a_custom_driver_whose_begin_takes_no_level_is_named_when_a_level_is_ask
             pool.run(lambda conn: "ok", isolation_level="SERIALIZABLE")
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize(
+    ("kw", "exc", "text"),
+    [
+        ({"idempotent": "no"}, TypeError, "idempotent must be True or False, not str 'no'"),
+        ({"idempotent": 1}, TypeError, "idempotent must be True or False, not int 1"),
+        ({"request_id": 123}, TypeError, "request_id must be a str or None, not int"),
+        ({"request_id": ""}, ValueError, "request_id must be a non-empty str of at most 200 characters, got 0"),
+        ({"request_id": "x" * 201}, ValueError, "at most 200 characters, got 201"),
+    ],
+)
+def test_bad_call_options_are_refused_before_any_checkout(
+    make_pool: Any, server: fakedb.Server, kw: dict[str, Any], exc: type, text: str
+) -> None:
+    # idempotent="no" (a string from a configuration) was truthy: work that
+    # must not run twice would have been retried as if it could.
+    pool = make_pool()
+    calls = []
+    with pytest.raises(exc, match=re.escape(text)):
+        pool.run(lambda conn: calls.append(1), **kw)
+    assert calls == [] and pool.stats().acquired == 0

@@ -543,6 +543,19 @@ def test_run_refuses_async_work(sqlite_backend: Any, tmp_path: Any) -> None:
         eng.dispose()
 
 
+def test_run_refuses_bad_call_options_before_any_checkout(sqlite_backend: Any, tmp_path: Any) -> None:
+    eng = create_engine(url_for(sqlite_backend, tmp_path) + "?plugin=poolkit")
+    calls: list[int] = []
+    try:
+        with pytest.raises(TypeError, match="idempotent must be True or False, not str 'false'"):
+            pksa.run(eng, lambda c: calls.append(1), idempotent="false")
+        with pytest.raises(TypeError, match="request_id must be a str or None, not int"):
+            pksa.run(eng, lambda c: calls.append(1), request_id=7)
+        assert calls == [] and eng.pool.poolkit.stats().acquired == 0
+    finally:
+        eng.dispose()
+
+
 def test_a_session_whose_connect_fails_is_retried_as_a_checkout(pg: Any, tmp_path: Any) -> None:
     # A session checks out its connection on first use; run() now takes it
     # before the work, as the checkout it is: a connect refused there (a
