@@ -2190,15 +2190,14 @@ class PooledConnection:
             # (left on, the next borrower's writes committed as they ran, or
             # failed as read-only, which reads as a failover)
             return functools.partial(self._set_setting, name[4:])
-        if name in _UNRESTORABLE and callable(getattr(raw, name, None)):
-            return functools.partial(self._set_unrestorable, name)
-        if name in _UNDONE_BY and callable(getattr(raw, name, None)):
-            return functools.partial(self._call_undone, name)
+        if (name in _UNRESTORABLE or name in _UNDONE_BY) and callable(getattr(raw, name, None)):
+            return functools.partial(self._call_marked, name)
         return getattr(raw, name)
 
-    def _call_undone(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        """A call of ``name`` (see ``_UNDONE_BY``) on the driver's
-        connection, undone when the connection is returned."""
+    def _call_marked(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """A call of ``name`` on the driver's connection that the return must
+        see to: undone then (``_UNDONE_BY``), or the connection closed rather
+        than reused (``_UNRESTORABLE``)."""
         rec = self._rec
         if rec is None:
             raise ConnectionReturned(_RETURNED)
@@ -2208,26 +2207,12 @@ class PooledConnection:
             self._raise_observed(exc)
         if rec.saved is None:
             rec.saved = {}
-        rec.saved[f"{name}#{len(rec.saved)}"] = _Undo(
-            functools.partial(getattr(rec.raw, _UNDONE_BY[name]), *args, **kwargs)
-        )
-        rec.ticket = None  # off the plain return path: close() undoes it
-        return result
-
-    def _set_unrestorable(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        """A call of ``name`` (see ``_UNRESTORABLE``) on the driver's
-        connection, which is then closed on return rather than reused."""
-        rec = self._rec
-        if rec is None:
-            raise ConnectionReturned(_RETURNED)
-        try:
-            result = getattr(rec.raw, name)(*args, **kwargs)
-        except Exception as exc:
-            self._raise_observed(exc)
-        if rec.saved is None:
-            rec.saved = {}
-        rec.saved[name] = _unknown
-        rec.ticket = None  # off the plain return path: close() sees the mark
+        if name in _UNDONE_BY:
+            undo = functools.partial(getattr(rec.raw, _UNDONE_BY[name]), *args, **kwargs)
+            rec.saved[f"{name}#{len(rec.saved)}"] = _Undo(undo)
+        else:
+            rec.saved[name] = _unknown
+        rec.ticket = None  # off the plain return path: close() sees to it
         return result
 
     def __enter__(self) -> PooledConnection:
