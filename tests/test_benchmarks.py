@@ -198,3 +198,15 @@ def test_mariadb_dsn_arguments_are_typed_and_bad_ones_named() -> None:
         _mysql_args("ssl_disabled=maybe")
     with pytest.raises(SystemExit, match="'host' is not key=value"):
         _mysql_args("host")
+
+
+@pytest.mark.integration
+def test_the_drop_in_cost_runs_each_variant(net_backend: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import dropin
+
+    assert dropin.main(["--backend", net_backend.name, "--rounds", "1", "-n", "2"]) == 0
+    out = capsys.readouterr().out
+    for variant in ("reset at return", "reset at checkout", "no reset", "driver's own connect"):
+        assert variant in out
+    with pytest.raises(SystemExit):
+        dropin.main(["--rounds", "0"])
