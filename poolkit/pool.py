@@ -1027,8 +1027,9 @@ class Pool:
 
     def _log_advice(self, raw: Any) -> None:
         """Log what the driver says about how its first connection was
-        opened (see ``Driver.advice``): once per pool, and never in the way
-        of the connect."""
+        opened (see ``Driver.advice``), and that ``reset_session=True``
+        will do nothing if the driver has no reset: once per pool, and never
+        in the way of the connect."""
         try:
             advice = self._driver.advice(raw)  # type: ignore[union-attr]
         except Exception:
@@ -1036,6 +1037,17 @@ class Pool:
             return
         if advice is not None:
             logger.warning("pool %r: %s", self.name, advice)
+        try:
+            resets = self._reset_hook is not True or self._driver.resets_session(raw)  # type: ignore[union-attr]
+        except Exception:
+            return
+        if not resets:
+            logger.warning(
+                "pool %r: reset_session=True, but the %s driver has no session reset: nothing is reset "
+                "(what a borrower set in SQL stays for the next); pass a reset_session callable that does it",
+                self.name,
+                self._driver.name,  # type: ignore[union-attr]
+            )
 
     def _connect_until(self, deadline: float, quiet: bool = False) -> Any:
         """A new, configured driver connection, retried with backoff while

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import sqlite3
 import sys
 import threading
@@ -517,3 +518,13 @@ def test_psycopg_handlers_a_borrower_adds_are_removed_on_return(pg: Any) -> None
         assert not raw._notice_handlers and not raw._notify_handlers
         with pool.connection() as conn:  # and the connection is kept
             assert conn.driver_connection is raw
+
+
+def test_reset_session_on_a_driver_with_no_reset_says_so(backend: Any, caplog: Any) -> None:
+    # sqlite3 has no session reset: reset_session=True did nothing, silently.
+    with caplog.at_level(logging.WARNING, logger="poolkit.pool"), Pool(backend.connect, reset_session=True) as pool:
+        for _ in range(2):
+            with pool.connection():
+                pass
+    said = [r for r in caplog.records if "has no session reset" in r.getMessage()]
+    assert len(said) == (1 if backend.name == "sqlite" else 0)

@@ -208,6 +208,10 @@ class Driver:
         """Make a used connection look fresh: session variables, temporary
         tables, locks. The generic driver knows no way to do it."""
 
+    def resets_session(self, conn: Any) -> bool:
+        """Whether :meth:`reset_session` does anything for ``conn``."""
+        return type(self).reset_session is not Driver.reset_session
+
     def is_broken(self, conn: Any) -> bool:
         """Whether the connection reports itself closed or broken."""
         return bool(getattr(conn, "closed", False))
@@ -389,6 +393,10 @@ class DelegatingDriver(Driver):
     def reset_session(self, conn: Any) -> None:
         raw, d = self._inner(conn)
         d.reset_session(raw)
+
+    def resets_session(self, conn: Any) -> bool:
+        raw, d = self._inner(conn)
+        return d.resets_session(raw)
 
     def is_broken(self, conn: Any) -> bool:
         if self.unwrap(conn) is None:
