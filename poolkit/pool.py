@@ -10,6 +10,7 @@ the lock held.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import enum
 import functools
 import itertools
@@ -93,6 +94,11 @@ def _owned(where: str, what: str) -> ManagedTransactionError:
 # use them, and must not let them be garbage collected either: finalising a
 # driver connection can send a "goodbye" on the parent's socket.
 _INHERITED: list[Any] = []
+
+# The pools whose connections pool.run's work and pool.transaction blocks
+# hold in this thread (or task), innermost last: a checkout that would wait
+# while they hold every connection of its pool would wait for itself.
+_HOLDING: contextvars.ContextVar[tuple[Pool, ...]] = contextvars.ContextVar("poolkit_holding", default=())
 _NO_TICKET = object()  # nobody's ticket: see Pool._update_return_path_locked
 _unset = object()  # a setting the connection did not have before the caller set it
 _unknown = object()  # a setting whose value before cannot be read, so cannot be put back
@@ -777,6 +783,15 @@ class Pool:
                     if self._max_waiting and len(self._waiters) >= self._max_waiting:
                         raise TooManyWaiters(
                             f"pool {self.name!r}: {len(self._waiters)} callers already waiting (max_waiting)"
+                        )
+                    held = _HOLDING.get()
+                    if held and held.count(self) >= self._max_size:
+                        self._timeouts += 1
+                        raise PoolTimeout(
+                            f"pool {self.name!r}: this thread's pool.run or pool.transaction holds every one "
+                            f"of its connections (max_size={self._max_size}), so none can come back while it waits: "
+                            "a run or checkout nested in another would wait for itself until the timeout "
+                            "(pass the connection down, or raise max_size)"
                         )
                     now = time.monotonic()
                     self._looping = now - self._returned_at < _CAME_BACK
@@ -2159,18 +2174,21 @@ class PooledConnection:
         if owner is not None and owner[0] is self:
             raise _owned(owner[1], what)
 
-    def _own(self, where: str) -> _Conn:
+    def _own(self, where: str) -> tuple[_Conn, contextvars.Token[tuple[Pool, ...]]]:
         """Until :meth:`_disown`, the transaction on this connection is
         ``where``'s (pool.run, pool.transaction): commit(), rollback() and a
         change of autocommit or isolation_level raise
-        :class:`ManagedTransactionError`. Returns the record to give back."""
+        :class:`ManagedTransactionError`, and the connection counts as held
+        by this thread (see ``_HOLDING``). Returns what to give back."""
         rec = self._rec
         if rec is None:
             raise ConnectionReturned(_RETURNED)
         rec.owner = (self, where)
-        return rec
+        return rec, _HOLDING.set((*_HOLDING.get(), self._pool))
 
-    def _disown(self, rec: _Conn) -> None:
+    def _disown(self, owned: tuple[_Conn, contextvars.Token[tuple[Pool, ...]]]) -> None:
+        rec, token = owned
+        _HOLDING.reset(token)
         if self._rec is rec:  # still this caller's (else another's now: leave it be)
             rec.owner = None
 

@@ -515,11 +515,11 @@ def run(
                         conn._end(commit=False)
                         logger.info("pool %r: request %r already committed; not run again", pool.name, request_id)
                         return None  # type: ignore[return-value]
-                rec = conn._own("pool.run()")
+                owned = conn._own("pool.run()")
                 try:
                     result = fn(conn)
                 finally:
-                    conn._disown(rec)
+                    conn._disown(owned)
                 check_result(result, "pool.run()")
                 check_open(conn, "pool.run()")
                 state.stage = "commit"
@@ -544,11 +544,11 @@ def transaction(pool: Pool, timeout: float | None = None, level: str | None = No
     try:
         begin(pool, conn, level)
         try:
-            rec = conn._own("pool.transaction()")
+            owned = conn._own("pool.transaction()")
             try:
                 yield conn
             finally:
-                conn._disown(rec)
+                conn._disown(owned)
         except BaseException as exc:
             conn._notice(exc)
             with contextlib.suppress(Exception):

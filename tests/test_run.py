@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
+import time
 from typing import Any
 
 import fakedb
@@ -414,3 +416,42 @@ def test_bad_call_options_are_refused_before_any_checkout(
     with pytest.raises(exc, match=re.escape(text)):
         pool.run(lambda conn: calls.append(1), **kw)
     assert calls == [] and pool.stats().acquired == 0
+
+
+@pytest.mark.parametrize("inner", ["run", "transaction", "acquire"])
+def test_a_checkout_nested_in_a_run_that_holds_every_connection_fails_at_once(make_pool: Any, inner: str) -> None:
+    # With every connection held by this thread's own run (or transaction),
+    # none could come back while the nested checkout waited: it waited the
+    # whole timeout (30 s by default), then said only that it timed out.
+    pool = make_pool(max_size=2, timeout=30)
+
+    def nested(conn: Any) -> None:
+        if inner == "run":
+            pool.run(lambda c: None)
+        elif inner == "transaction":
+            with pool.transaction():
+                pass
+        else:
+            pool.acquire().close()
+
+    def two_deep(conn: Any) -> None:
+        with pool.transaction():  # the second connection: both are this thread's now
+            nested(conn)
+
+    t0 = time.monotonic()
+    with pytest.raises(PoolTimeout, match=r"holds every one of its connections \(max_size=2\)"):
+        pool.run(two_deep)
+    assert time.monotonic() - t0 < 5
+    pool.run(lambda conn: pool.run(lambda c: None))  # one held, one free: no deadlock, no error
+    assert pool.stats().in_use == 0
+
+
+def test_a_checkout_nested_in_a_run_waits_as_usual_when_another_thread_can_return_one(make_pool: Any) -> None:
+    pool = make_pool(max_size=2, timeout=5)
+    other = pool.acquire()  # held by another caller, not by this thread's run
+    gave_back = threading.Timer(0.2, other.close)
+    gave_back.start()
+    try:
+        assert pool.run(lambda conn: pool.run(lambda c: "served")) == "served"
+    finally:
+        gave_back.cancel()
