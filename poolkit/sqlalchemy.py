@@ -39,7 +39,7 @@ from sqlalchemy.pool.base import _ConnectionRecord
 from poolkit.classify import Category, classify
 from poolkit.drivers import DelegatingDriver, driver_for_connection
 from poolkit.errors import AmbiguousCommitError, ManagedTransactionError, PoolError, PoolTimeout
-from poolkit.pool import _OWNED_WHY, Pool, PooledConnection
+from poolkit.pool import _HOLDING, _OWNED_WHY, Pool, PooledConnection
 from poolkit.retry import (
     Retry,
     _Attempt,
@@ -384,6 +384,10 @@ def _work(fn: Callable[[Any], T], target: Any, conn: Any) -> T:
     checked (see :func:`poolkit.retry.check_result`)."""
     watch = _Watch(conn)
     token = _WATCHED.set(watch)
+    # a poolkit-backed engine's connection counts as held by this thread while
+    # the work runs: a run nested in it that would wait for itself fails at once
+    pk: Pool | None = getattr(conn.engine.pool, "poolkit", None)
+    holding = _HOLDING.set((*_HOLDING.get(), pk)) if pk is not None else None
     try:
         result = fn(target)
     except BaseException as e:
@@ -395,6 +399,8 @@ def _work(fn: Callable[[Any], T], target: Any, conn: Any) -> T:
         raise _went_on() from e  # SQLAlchemy's PendingRollbackError, most likely
     finally:
         _WATCHED.reset(token)
+        if holding is not None:
+            _HOLDING.reset(holding)
     if watch.refused:
         conn.invalidate()
         raise _went_on()

@@ -556,6 +556,21 @@ def test_run_refuses_bad_call_options_before_any_checkout(sqlite_backend: Any, t
         eng.dispose()
 
 
+def test_a_run_nested_in_a_run_that_holds_every_connection_fails_at_once(sqlite_backend: Any, tmp_path: Any) -> None:
+    # The outer run holds the pool's one connection: the nested run waited
+    # for it the whole timeout, then timed out.
+    eng = create_engine(url_for(sqlite_backend, tmp_path) + "?plugin=poolkit&poolkit_max_size=1&poolkit_timeout=30")
+    try:
+        t0 = time.monotonic()
+        for bind in (eng, sessionmaker(eng)):
+            with pytest.raises(exc.TimeoutError, match="holds every one of its connections"):
+                pksa.run(bind, lambda c: pksa.run(eng, lambda inner: None))
+        assert time.monotonic() - t0 < 5
+        assert pksa.run(eng, lambda c: 7) == 7  # and the pool is whole
+    finally:
+        eng.dispose()
+
+
 def test_a_session_whose_connect_fails_is_retried_as_a_checkout(pg: Any, tmp_path: Any) -> None:
     # A session checks out its connection on first use; run() now takes it
     # before the work, as the checkout it is: a connect refused there (a
