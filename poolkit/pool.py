@@ -96,9 +96,18 @@ def _owned(where: str, what: str) -> ManagedTransactionError:
 _INHERITED: list[Any] = []
 
 # The pools whose connections pool.run's work and pool.transaction blocks
-# hold in this thread (or task), innermost last: a checkout that would wait
-# while they hold every connection of its pool would wait for itself.
-_HOLDING: contextvars.ContextVar[tuple[Pool, ...]] = contextvars.ContextVar("poolkit_holding", default=())
+# hold, innermost last, each with the thread that holds it: a checkout that
+# would wait while its own thread holds every connection of its pool would
+# wait for itself. (The thread, because a context copied into another thread,
+# as asyncio.to_thread copies it, carries the entries along.)
+_HOLDING: contextvars.ContextVar[tuple[tuple[Pool, int], ...]] = contextvars.ContextVar("poolkit_holding", default=())
+
+
+def _hold(pool: Pool) -> contextvars.Token[tuple[tuple[Pool, int], ...]]:
+    """Count a connection of ``pool`` as held by this thread (see ``_HOLDING``)."""
+    return _HOLDING.set((*_HOLDING.get(), (pool, threading.get_ident())))
+
+
 _NO_TICKET = object()  # nobody's ticket: see Pool._update_return_path_locked
 _unset = object()  # a setting the connection did not have before the caller set it
 _unknown = object()  # a setting whose value before cannot be read, so cannot be put back
@@ -785,7 +794,7 @@ class Pool:
                             f"pool {self.name!r}: {len(self._waiters)} callers already waiting (max_waiting)"
                         )
                     held = _HOLDING.get()
-                    if held and held.count(self) >= self._max_size:
+                    if held and held.count((self, threading.get_ident())) >= self._max_size:
                         self._timeouts += 1
                         raise PoolTimeout(
                             f"pool {self.name!r}: this thread's pool.run or pool.transaction holds every one "
@@ -2174,7 +2183,7 @@ class PooledConnection:
         if owner is not None and owner[0] is self:
             raise _owned(owner[1], what)
 
-    def _own(self, where: str) -> tuple[_Conn, contextvars.Token[tuple[Pool, ...]]]:
+    def _own(self, where: str) -> tuple[_Conn, contextvars.Token[tuple[tuple[Pool, int], ...]]]:
         """Until :meth:`_disown`, the transaction on this connection is
         ``where``'s (pool.run, pool.transaction): commit(), rollback() and a
         change of autocommit or isolation_level raise
@@ -2184,9 +2193,9 @@ class PooledConnection:
         if rec is None:
             raise ConnectionReturned(_RETURNED)
         rec.owner = (self, where)
-        return rec, _HOLDING.set((*_HOLDING.get(), self._pool))
+        return rec, _hold(self._pool)
 
-    def _disown(self, owned: tuple[_Conn, contextvars.Token[tuple[Pool, ...]]]) -> None:
+    def _disown(self, owned: tuple[_Conn, contextvars.Token[tuple[tuple[Pool, int], ...]]]) -> None:
         rec, token = owned
         _HOLDING.reset(token)
         if self._rec is rec:  # still this caller's (else another's now: leave it be)

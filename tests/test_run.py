@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import re
 import threading
@@ -455,3 +456,19 @@ def test_a_checkout_nested_in_a_run_waits_as_usual_when_another_thread_can_retur
         assert pool.run(lambda conn: pool.run(lambda c: "served")) == "served"
     finally:
         gave_back.cancel()
+
+
+def test_a_context_copied_into_another_thread_does_not_count_as_holding(make_pool: Any) -> None:
+    # asyncio.to_thread (and anything that copies the context into a thread)
+    # carries the outer run's entry along: that thread holds nothing, and its
+    # checkout must wait as usual, not fail as one waiting for itself.
+    pool = make_pool(max_size=1, timeout=5)
+    copied: list[contextvars.Context] = []
+    pool.run(lambda conn: copied.append(contextvars.copy_context()))  # taken inside the work
+    other = pool.acquire()  # the one connection, busy elsewhere for a moment
+    threading.Timer(0.2, other.close).start()
+    got: list[Any] = []
+    t = threading.Thread(target=lambda: got.append(copied[0].run(pool.run, lambda conn: "served")))
+    t.start()
+    t.join(5)
+    assert got == ["served"]
