@@ -103,6 +103,16 @@ _INHERITED: list[Any] = []
 _HOLDING: contextvars.ContextVar[tuple[tuple[Pool, int], ...]] = contextvars.ContextVar("poolkit_holding", default=())
 
 
+def _save(rec: _Conn, key: str, value: Any) -> None:
+    """Note in ``rec.saved`` what the return must put back or see to under
+    ``key`` (see ``Pool._restore_settings``), and take ``rec`` off the plain
+    return path until it has."""
+    if rec.saved is None:
+        rec.saved = {}
+    rec.saved[key] = value
+    rec.ticket = None
+
+
 def _hold(pool: Pool) -> contextvars.Token[tuple[tuple[Pool, int], ...]]:
     """Count a connection of ``pool`` as held by this thread (see ``_HOLDING``)."""
     return _HOLDING.set((*_HOLDING.get(), (pool, threading.get_ident())))
@@ -112,16 +122,29 @@ _NO_TICKET = object()  # nobody's ticket: see Pool._update_return_path_locked
 _unset = object()  # a setting the connection did not have before the caller set it
 _unknown = object()  # a setting whose value before cannot be read, so cannot be put back
 # What these change would stay for the next borrower, and cannot be put back
-# as a setting is: sqlite3's install what has no getter to save (an
+# as a setting is. sqlite3's install what has no getter to save (an
 # authorizer that denies, a progress handler that interrupts, a trace
 # callback that sees every statement, a lower limit, a configuration flag,
 # extension loading), or replace the database with an in-memory copy
 # (deserialize: the next borrower's commits went there, and were lost at
-# close); PyMySQL's change the
-# character set of the server's session and of the client together (the
-# next borrower read utf8mb4 text as latin1, '?' for what it cannot hold,
-# and a read-modify-write stored the '?'). A connection a caller changed
-# with one is closed on return, not reused.
+# close). PyMySQL's change the character set of the server's session and of
+# the client together (the next borrower read utf8mb4 text as latin1, '?'
+# for what it cannot hold, and a read-modify-write stored the '?'). A
+# connection a caller changed with one is closed on return, not reused.
+_UNRESTORABLE = frozenset(
+    {
+        "set_authorizer",
+        "set_progress_handler",
+        "set_trace_callback",
+        "setlimit",
+        "setconfig",
+        "enable_load_extension",
+        "load_extension",
+        "deserialize",
+        "set_character_set",
+        "set_charset",
+    }
+)
 # psycopg's: a handler a caller adds through the proxy is removed on return.
 # Left, handlers piled up with every checkout (a leak, each one holding what
 # its caller's closure held) and were handed the next borrowers' notices.
@@ -137,20 +160,6 @@ class _Undo:
         self.undo = undo
 
 
-_UNRESTORABLE = frozenset(
-    {
-        "set_authorizer",
-        "set_progress_handler",
-        "set_trace_callback",
-        "setlimit",
-        "setconfig",
-        "enable_load_extension",
-        "load_extension",
-        "deserialize",
-        "set_character_set",
-        "set_charset",
-    }
-)
 _ALL_POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()
 
 
@@ -2169,10 +2178,7 @@ class PooledConnection:
         except Exception as exc:
             self._raise_observed(exc)
         if first:
-            if saved is None:
-                rec.saved = saved = {}
-            saved[name] = before
-            rec.ticket = None  # off the plain return path: close() restores it
+            _save(rec, name, before)
 
     def _refuse_if_owned(self, what: str) -> None:
         """Raise :class:`ManagedTransactionError` if pool.run or
@@ -2244,14 +2250,11 @@ class PooledConnection:
             result = getattr(rec.raw, name)(*args, **kwargs)
         except Exception as exc:
             self._raise_observed(exc)
-        if rec.saved is None:
-            rec.saved = {}
         if name in _UNDONE_BY:
             undo = functools.partial(getattr(rec.raw, _UNDONE_BY[name]), *args, **kwargs)
-            rec.saved[f"{name}#{len(rec.saved)}"] = _Undo(undo)
+            _save(rec, f"{name}#{len(rec.saved or ())}", _Undo(undo))
         else:
-            rec.saved[name] = _unknown
-        rec.ticket = None  # off the plain return path: close() sees to it
+            _save(rec, name, _unknown)
         return result
 
     def __enter__(self) -> PooledConnection:

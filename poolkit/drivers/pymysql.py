@@ -96,10 +96,10 @@ class PyMySQLDriver(Driver):
         # utf8mb4_general_ci), sql_mode (a strict mode lost lets an INSERT
         # truncate instead of fail), init_command. Set up again, as connect() does.
         conn.set_character_set(conn.charset, conn.collation)
-        if conn.sql_mode is not None:
-            execute_each(conn, [f"SET sql_mode={conn.escape(conn.sql_mode)}"])
+        setup = [] if conn.sql_mode is None else [f"SET sql_mode={conn.escape(conn.sql_mode)}"]
         if conn.init_command is not None:
-            execute_each(conn, [conn.init_command])
+            setup.append(conn.init_command)
+        execute_each(conn, setup)
         conn.autocommit(conn.autocommit_mode)  # last, as connect(): the reset put it back to the server's
 
     def no_reconnect(self, conn: Any) -> dict[str, Any]:

@@ -14,6 +14,21 @@ logger = logging.getLogger("poolkit.drivers")
 _BUSY_CODES = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (low byte of the extended code)
 
 
+def _end(conn: Any, command: str) -> None:
+    """End the open transaction with ``command`` (COMMIT or ROLLBACK). In
+    autocommit mode (autocommit=True, Python 3.12+) sqlite3's commit() and
+    rollback() do nothing, and a transaction begun in SQL (or by the pool's
+    begin()) stayed open: the next borrower got it, and pool.run's commit
+    committed nothing. The pool's own end of it is sent as SQL then."""
+    if getattr(conn, "autocommit", None) is True:
+        if conn.in_transaction:
+            conn.execute(command)
+    elif command == "COMMIT":
+        conn.commit()
+    else:
+        conn.rollback()
+
+
 class SQLite3Driver(Driver):
     name = "sqlite3"
     connect_can_hang = False  # no server: a busy database waits for its own timeout
@@ -43,23 +58,10 @@ class SQLite3Driver(Driver):
             conn.execute(f"BEGIN {conn.isolation_level or ''}".rstrip())
 
     def rollback(self, conn: Any) -> None:
-        # In autocommit mode (autocommit=True, Python 3.12+) sqlite3's
-        # rollback() and commit() do nothing, and a transaction begun in SQL
-        # (or by begin() above) stayed open: the next borrower got it, and
-        # pool.run's commit committed nothing. The pool's own end of it is
-        # sent as SQL then.
-        if getattr(conn, "autocommit", None) is True:  # 3.12+
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-        else:
-            conn.rollback()
+        _end(conn, "ROLLBACK")
 
     def commit(self, conn: Any) -> None:
-        if getattr(conn, "autocommit", None) is True:  # see rollback()
-            if conn.in_transaction:
-                conn.execute("COMMIT")
-        else:
-            conn.commit()
+        _end(conn, "COMMIT")
 
     def keeps_transaction_open(self, conn: Any) -> bool:
         # autocommit=False (Python 3.12+): sqlite3 begins a transaction at
