@@ -24,8 +24,13 @@ logger = logging.getLogger("poolkit.maintenance")
 
 
 def start_maintenance(pool: Pool) -> threading.Thread:
+    # What the thread needs of the pool is read here: the loop below must
+    # name nothing of it but ``ref``, or its closure holds the pool (a cell
+    # for ``pool``), which then lives, with its connections open, as long as
+    # the thread, which ends only once the pool is gone.
     ref = weakref.ref(pool)
     stop = pool._stop
+    wake = pool._wake
     interval = pool._maintenance_interval
     name = f"poolkit-maintenance-{pool.name}"
 
@@ -36,7 +41,6 @@ def start_maintenance(pool: Pool) -> threading.Thread:
         # _wake until _wake_at: a wait guarded meanwhile and due before that
         # wakes it (while it works out when to wake, _wake_at is inf, so any
         # wait guarded then does), and it sleeps again until the earliest.
-        wake = pool._wake
         next_round = time.monotonic() + interval
         due: float | None = None  # on the pool's clock
         while True:

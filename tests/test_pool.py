@@ -13,6 +13,7 @@ import select
 import sqlite3
 import threading
 import time
+import weakref
 from typing import Any
 
 import fakedb
@@ -904,6 +905,25 @@ def test_maintenance_thread_runs_by_itself(server: fakedb.Server) -> None:
     finally:
         pool.close()
     assert not pool._maintainer.is_alive()
+
+
+def test_abandoned_pool_is_freed_and_its_maintenance_thread_ends(server: fakedb.Server) -> None:
+    """The maintenance thread holds only a weak reference: a pool dropped
+    without close() is freed, with its connections, and the thread ends.
+    (Its loop once named the pool, and the closure kept it alive for ever.)"""
+    pool = Pool(server.connect, min_size=1, maintenance_interval=0.02)
+    with pool.connection() as conn:
+        conn.cursor().execute("SELECT 1")
+    thread = pool._maintainer
+    ref = weakref.ref(pool)
+    del pool, conn
+    deadline = time.monotonic() + 5
+    while ref() is not None and time.monotonic() < deadline:  # a round may hold it for a moment
+        gc.collect()
+        time.sleep(0.01)
+    assert ref() is None
+    thread.join(5)
+    assert not thread.is_alive()
 
 
 # ------------------------------------------------------------ invalidate
