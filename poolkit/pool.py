@@ -148,6 +148,10 @@ _UNRESTORABLE = frozenset(
 # psycopg's: a handler a caller adds through the proxy is removed on return.
 # Left, handlers piled up with every checkout (a leak, each one holding what
 # its caller's closure held) and were handed the next borrowers' notices.
+# methods of a driver's connection that may reconnect it in place (see
+# Driver.reconnects): refused by the proxy
+_RECONNECTING = frozenset({"connect"})
+
 _UNDONE_BY = {"add_notice_handler": "remove_notice_handler", "add_notify_handler": "remove_notify_handler"}
 
 
@@ -2229,6 +2233,12 @@ class PooledConnection:
         if name == "begin":  # PyMySQL's: MySQL commits the open transaction first
             self._refuse_if_owned("begin(), which commits the open transaction first (MySQL),")
         raw = self._raw()
+        if name in _RECONNECTING and self._pool._driver.reconnects(raw, name):  # type: ignore[union-attr]
+            raise AttributeError(
+                f"{name}() is not available through the pool: this driver's {name}() opens a new session "
+                "in place of the pooled one, behind the pool's back (and a transaction would go on in it, "
+                "half lost). Return the connection (close it) and check out another; a dead one is replaced"
+            )
         if name.startswith("set_") and name[4:] in SETTINGS and callable(getattr(raw, name, None)):
             # psycopg's set_autocommit(), set_read_only()...: the setting, by
             # another name, saved and put back on return like an assignment

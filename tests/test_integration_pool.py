@@ -262,6 +262,26 @@ def test_a_ping_through_the_pool_never_reconnects(maria: Any, table: str) -> Non
     assert maria.execute(f"SELECT count(*) FROM {table}")[0][0] == 0  # neither half
 
 
+def test_a_reconnect_through_the_pool_is_refused(maria: Any, table: str) -> None:
+    # PyMySQL's conn.connect() opens a new socket and session in place (and
+    # leaves the old one open): work in pool.run went on in the new session,
+    # so the insert before it was lost, the one after it committed, and run
+    # reported success.
+    def work(conn: Any) -> None:
+        conn.cursor().execute(f"INSERT INTO {table} (id, v) VALUES (1, 'before')")
+        conn.connect()
+        conn.cursor().execute(f"INSERT INTO {table} (id, v) VALUES (2, 'after')")
+
+    with Pool(maria.connect, max_size=1) as pool:
+        with pytest.raises(AttributeError, match=r"connect\(\) is not available through the pool"):
+            pool.run(work)
+        with pool.connection() as conn:
+            assert not hasattr(conn, "connect")
+            conn.cursor().execute("SELECT 1")  # the pooled session, still good
+        assert pool.stats().closed == 0
+    assert maria.execute(f"SELECT count(*) FROM {table}")[0][0] == 0  # neither half
+
+
 def test_configure_that_leaves_a_transaction_open_is_refused(pg: Any) -> None:
     # psycopg opens a transaction at configure's first statement, a SET too.
     # Left open, the first borrower's rollback on return undid the SET for

@@ -165,6 +165,14 @@ class Driver:
         become a new session behind the pool's back."""
         return {}
 
+    def reconnects(self, conn: Any, name: str) -> bool:
+        """Whether the connection's method ``name`` opens a new session in
+        place of its own (PyMySQL's ``connect()``): the proxy does not hand
+        it out. The pool's checks, its probe and its cut watch the socket
+        the pool opened, and a transaction of ``pool.run`` would go on in a
+        session that commits what the first half never wrote."""
+        return False
+
     def keeps_transaction_open(self, conn: Any) -> bool:
         """Whether the connection has a transaction open at all times, a new
         one begun as the last ends (sqlite3's ``autocommit=False``): one
@@ -369,6 +377,10 @@ class DelegatingDriver(Driver):
     def no_reconnect(self, conn: Any) -> dict[str, Any]:
         raw, d = self._inner(conn)
         return d.no_reconnect(raw)
+
+    def reconnects(self, conn: Any, name: str) -> bool:
+        raw, d = self._inner(conn)
+        return d.reconnects(raw, name)
 
     def keeps_transaction_open(self, conn: Any) -> bool:
         raw, d = self._inner(conn)

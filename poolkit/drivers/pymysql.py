@@ -107,6 +107,11 @@ class PyMySQLDriver(Driver):
         # conn.ping(reconnect=True) is a common idiom
         return {"reconnect": False}
 
+    def reconnects(self, conn: Any, name: str) -> bool:
+        # connect() opens a new socket and session in place, and leaves the
+        # old one open, with its transaction and locks, until collected
+        return name == "connect"
+
     def begin(self, conn: Any, isolation_level: str | None = None) -> None:
         # MySQL's SET TRANSACTION sets the level of the next transaction, and
         # is refused inside one: it goes first
