@@ -225,7 +225,12 @@ class _Conn:
         # by close): only then, so that the pool and its idle connections
         # make no reference cycle and an abandoned pool is freed at once
         self.pool: Pool | None = None
-        self.orphans = orphans  # where to go if dropped while checked out
+        # where to go if dropped while checked out: the pool's orphans, by a
+        # weak reference. Once the pool is gone, so are they: its idle
+        # records die with it, and must not be taken for dropped ones (each
+        # copy, resurrecting the connection, was found garbage again by the
+        # next collection, and the connection was never closed)
+        self.orphans = None if orphans is None else weakref.ref(orphans)
         self.retired = False  # the pool closed it (or let it go) on purpose
         self.id = cid
         self.generation = generation
@@ -274,7 +279,8 @@ class _Conn:
         # garbage collector, in any thread. A copy goes to the pool's orphans
         # (a deque: append is atomic) and the pool reclaims it later. Doing this
         # here and not in the proxy keeps a finalizer off every checkout.
-        if self.retired or self.orphans is None:
+        orphans = None if self.orphans is None else self.orphans()
+        if self.retired or orphans is None:
             return
         try:
             twin = _Conn(self.raw, self.id, self.generation, self.epoch, self.created_at, self.expires_at)
@@ -287,7 +293,7 @@ class _Conn:
             twin.era = self.era
             twin.saved = self.saved
             twin.last_used = self.last_used
-            self.orphans.append(twin)
+            orphans.append(twin)
         except Exception:  # interpreter shutdown
             pass
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import gc
@@ -924,6 +925,32 @@ def test_abandoned_pool_is_freed_and_its_maintenance_thread_ends(server: fakedb.
     assert ref() is None
     thread.join(5)
     assert not thread.is_alive()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files in /proc/self/fd")
+def test_abandoned_pool_closes_its_idle_connections(tmp_path: Any) -> None:
+    """Dropped with the pool, its idle connections are not taken for ones
+    dropped while checked out: each copy sent to the (dead) pool's orphans
+    made the connection live again, and it was never closed."""
+    path = str(tmp_path / "abandoned.db")
+
+    def files_open() -> int:
+        n = 0
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                n += os.readlink(f"/proc/self/fd/{fd}") == path
+        return n
+
+    pool = Pool(lambda: sqlite3.connect(path, check_same_thread=False), max_size=3, maintenance_interval=3600)
+    conns = [pool.acquire() for _ in range(3)]
+    for conn in conns:
+        conn.cursor().execute("SELECT 1")
+        conn.close()
+    assert files_open() == 3
+    del pool, conns, conn
+    for _ in range(3):
+        gc.collect()
+    assert files_open() == 0
 
 
 # ------------------------------------------------------------ invalidate
