@@ -100,7 +100,43 @@ _INHERITED: list[Any] = []
 # would wait while its own thread holds every connection of its pool would
 # wait for itself. (The thread, because a context copied into another thread,
 # as asyncio.to_thread copies it, carries the entries along.)
-_HOLDING: contextvars.ContextVar[tuple[tuple[Pool, int], ...]] = contextvars.ContextVar("poolkit_holding", default=())
+_HOLDING: contextvars.ContextVar[tuple[_Held, ...]] = contextvars.ContextVar("poolkit_holding", default=())
+
+
+class _Held:
+    """An entry of ``_HOLDING``: a connection of ``pool`` held by ``thread``,
+    until :meth:`release`."""
+
+    __slots__ = ("active", "pool", "thread", "token")
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.thread = threading.get_ident()
+        self.active = True
+        held = _HOLDING.get()
+        if held:  # drop entries let go of in another context
+            held = tuple(h for h in held if h.active)
+        self.token = _HOLDING.set((*held, self))
+
+    def release(self) -> None:
+        """Let go, in whatever context this runs: a ``pool.transaction()``
+        block in a generator may end in another context than it began in
+        (FastAPI runs a dependency's enter and exit in two copies of the
+        context, in worker threads), where the token cannot reset the
+        variable. The entry is marked let go, wherever a context holds it."""
+        self.active = False
+        with contextlib.suppress(ValueError):  # set in another context
+            _HOLDING.reset(self.token)
+
+
+def _holds_all(pool: Pool, max_size: int) -> bool:
+    """Whether this thread's pool.run or pool.transaction frames hold
+    ``max_size`` connections of ``pool`` (see ``_HOLDING``)."""
+    held = _HOLDING.get()
+    if len(held) < max_size:
+        return False
+    thread = threading.get_ident()
+    return sum(1 for h in held if h.pool is pool and h.thread == thread and h.active) >= max_size
 
 
 def _save(rec: _Conn, key: str, value: Any) -> None:
@@ -111,11 +147,6 @@ def _save(rec: _Conn, key: str, value: Any) -> None:
         rec.saved = {}
     rec.saved[key] = value
     rec.ticket = None
-
-
-def _hold(pool: Pool) -> contextvars.Token[tuple[tuple[Pool, int], ...]]:
-    """Count a connection of ``pool`` as held by this thread (see ``_HOLDING``)."""
-    return _HOLDING.set((*_HOLDING.get(), (pool, threading.get_ident())))
 
 
 _NO_TICKET = object()  # nobody's ticket: see Pool._update_return_path_locked
@@ -812,8 +843,7 @@ class Pool:
                         raise TooManyWaiters(
                             f"pool {self.name!r}: {len(self._waiters)} callers already waiting (max_waiting)"
                         )
-                    held = _HOLDING.get()
-                    if held and held.count((self, threading.get_ident())) >= self._max_size:
+                    if _holds_all(self, self._max_size):
                         self._timeouts += 1
                         raise PoolTimeout(
                             f"pool {self.name!r}: this thread's pool.run or pool.transaction holds every one "
@@ -2199,7 +2229,7 @@ class PooledConnection:
         if owner is not None and owner[0] is self:
             raise _owned(owner[1], what)
 
-    def _own(self, where: str) -> tuple[_Conn, contextvars.Token[tuple[tuple[Pool, int], ...]]]:
+    def _own(self, where: str) -> tuple[_Conn, _Held]:
         """Until :meth:`_disown`, the transaction on this connection is
         ``where``'s (pool.run, pool.transaction): commit(), rollback() and a
         change of autocommit or isolation_level raise
@@ -2209,11 +2239,11 @@ class PooledConnection:
         if rec is None:
             raise ConnectionReturned(_RETURNED)
         rec.owner = (self, where)
-        return rec, _hold(self._pool)
+        return rec, _Held(self._pool)
 
-    def _disown(self, owned: tuple[_Conn, contextvars.Token[tuple[tuple[Pool, int], ...]]]) -> None:
-        rec, token = owned
-        _HOLDING.reset(token)
+    def _disown(self, owned: tuple[_Conn, _Held]) -> None:
+        rec, held = owned
+        held.release()
         if self._rec is rec:  # still this caller's (else another's now: leave it be)
             rec.owner = None
 

@@ -39,7 +39,7 @@ from sqlalchemy.pool.base import _ConnectionRecord
 from poolkit.classify import Category, classify
 from poolkit.drivers import DelegatingDriver, driver_for_connection
 from poolkit.errors import AmbiguousCommitError, ManagedTransactionError, PoolError, PoolTimeout
-from poolkit.pool import _HOLDING, _OWNED_WHY, Pool, PooledConnection, _hold
+from poolkit.pool import _OWNED_WHY, Pool, PooledConnection, _Held
 from poolkit.retry import (
     Retry,
     _Attempt,
@@ -387,7 +387,7 @@ def _work(fn: Callable[[Any], T], target: Any, conn: Any) -> T:
     # a poolkit-backed engine's connection counts as held by this thread while
     # the work runs: a run nested in it that would wait for itself fails at once
     pk: Pool | None = getattr(conn.engine.pool, "poolkit", None)
-    holding = _hold(pk) if pk is not None else None
+    holding = _Held(pk) if pk is not None else None
     try:
         result = fn(target)
     except BaseException as e:
@@ -400,7 +400,7 @@ def _work(fn: Callable[[Any], T], target: Any, conn: Any) -> T:
     finally:
         _WATCHED.reset(token)
         if holding is not None:
-            _HOLDING.reset(holding)
+            holding.release()
     if watch.refused:
         conn.invalidate()
         raise _went_on()

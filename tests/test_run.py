@@ -472,3 +472,68 @@ def test_a_context_copied_into_another_thread_does_not_count_as_holding(make_poo
     t.start()
     t.join(5)
     assert got == ["served"]
+
+
+def _in_thread(ctx: contextvars.Context, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in a new thread, in ``ctx``: what anyio's
+    ``to_thread.run_sync`` does (with a fresh copy of the context each call)."""
+    out: list[Any] = []
+
+    def call() -> None:
+        try:
+            out.append(ctx.run(fn, *args))
+        except BaseException as exc:
+            out.append(exc)
+
+    t = threading.Thread(target=call)
+    t.start()
+    t.join(5)
+    return out[0]
+
+
+def test_a_transaction_that_ends_in_another_context_commits(tmp_path: Any) -> None:
+    # FastAPI runs a dependency with yield (`with pool.transaction() as conn:
+    # yield conn`) in worker threads: its enter in one copy of the context,
+    # its exit in another. The exit could not reset the context variable
+    # there: it raised ValueError ("created in a different Context"), and
+    # the transaction was rolled back.
+    import sqlite3
+
+    path = str(tmp_path / "deps.db")
+    sqlite3.connect(path).execute("CREATE TABLE t (v)").connection.close()
+    pool = Pool(lambda: sqlite3.connect(path, check_same_thread=False), max_size=2)
+
+    def get_db() -> Any:
+        with pool.transaction() as conn:
+            yield conn
+
+    try:
+        dep = get_db()
+        conn = _in_thread(contextvars.copy_context(), next, dep)
+        conn.execute("INSERT INTO t VALUES (1)")
+        ended = _in_thread(contextvars.copy_context(), next, dep)
+        assert isinstance(ended, StopIteration), ended
+        assert pool.stats().in_use == 0
+    finally:
+        pool.close()
+    assert sqlite3.connect(path).execute("SELECT count(*) FROM t").fetchone() == (1,)
+
+
+def test_a_transaction_ended_in_another_context_no_longer_counts_as_held(make_pool: Any) -> None:
+    # Begun in this context and ended in another, the block's entry stays in
+    # this context's variable (the other cannot reset it): counted, it made
+    # a later checkout here that must wait fail at once, as one waiting for
+    # a connection its own thread held.
+    pool = make_pool(max_size=1, timeout=5)
+
+    def block() -> Any:
+        with pool.transaction() as conn:
+            yield conn
+
+    dep = block()
+    next(dep)  # begun here
+    assert isinstance(_in_thread(contextvars.copy_context(), next, dep), StopIteration)  # ended elsewhere
+    other = pool.acquire()  # the one connection, busy elsewhere for a moment
+    threading.Timer(0.2, other.close).start()
+    with pool.connection() as conn:  # waits for it
+        assert not conn.closed
