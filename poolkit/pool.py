@@ -228,6 +228,7 @@ class _Conn:
         "leak_logged",
         "orphans",
         "owner",
+        "pid",
         "poller",
         "pool",
         "raw",
@@ -266,6 +267,7 @@ class _Conn:
         self.id = cid
         self.generation = generation
         self.epoch = epoch
+        self.pid = os.getpid()  # the process that opened it (see __del__)
         # the pool's _plain_ticket while this connection may take the plain
         # return path (see PooledConnection.close): the token of the
         # generation it was opened in (set by Pool._open_in_slot); None once
@@ -310,8 +312,13 @@ class _Conn:
         # garbage collector, in any thread. A copy goes to the pool's orphans
         # (a deque: append is atomic) and the pool reclaims it later. Doing this
         # here and not in the proxy keeps a finalizer off every checkout.
+        if self.retired:
+            return
+        if self.pid != os.getpid():  # inherited by a forked child: never finalised there
+            _INHERITED.append(self.raw)
+            return
         orphans = None if self.orphans is None else self.orphans()
-        if self.retired or orphans is None:
+        if orphans is None:  # the pool is gone (and its idle records with it)
             return
         try:
             twin = _Conn(self.raw, self.id, self.generation, self.epoch, self.created_at, self.expires_at)

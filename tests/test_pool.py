@@ -1405,6 +1405,38 @@ def test_forked_child_never_uses_or_closes_inherited_connections(make_pool: Any,
     held.close()
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_forked_child_that_drops_an_inherited_proxy_keeps_its_connection_alive(tmp_path: Any) -> None:
+    # Finalising a driver connection can send a goodbye on the socket the
+    # child shares with its parent: an inherited connection is never let go
+    # of in the child, dropped proxy or not.
+    class Connection(sqlite3.Connection):  # one that can be watched with a weak reference
+        pass
+
+    path = str(tmp_path / "fork.db")
+    pool = Pool(lambda: sqlite3.connect(path, check_same_thread=False, factory=Connection), max_size=1)
+    held = pool.acquire()
+    raw = weakref.ref(held.driver_connection)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            os.close(r)
+            del held
+            gc.collect()
+            os.write(w, b"ok" if raw() is not None else b"finalised")
+        finally:
+            os._exit(0)
+    os.close(w)
+    result = os.read(r, 20)
+    os.waitpid(pid, 0)
+    os.close(r)
+    assert result == b"ok"
+    held.close()
+    pool.close()
+
+
 def test_public_names() -> None:
     for name in poolkit.__all__:
         obj = getattr(poolkit, name)
