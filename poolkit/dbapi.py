@@ -41,7 +41,7 @@ from typing import Any
 
 from poolkit.drivers import driver_for_module
 from poolkit.errors import ConnectionReturned
-from poolkit.pool import SETTINGS, Pool, PooledConnection, PooledCursor
+from poolkit.pool import Pool, PooledConnection, PooledCursor
 
 __all__ = ["Connection", "Cursor", "PooledModule", "wrap"]
 
@@ -265,13 +265,18 @@ class Connection:
         """The poolkit proxy behind this connection."""
         return self._open()
 
-    # PEP 249 optional extension: the exception classes on the connection
     def __getattr__(self, name: str) -> Any:
-        if name in _EXCEPTIONS:
+        if name in _EXCEPTIONS:  # PEP 249 optional extension: the exception classes on the connection
             return getattr(self._module.driver_module, name)
-        if name in SETTINGS:  # through the proxy: PyMySQL's conn.autocommit(True) is undone on close
-            return getattr(self._open(), name)
-        return getattr(self._open().driver_connection, name)
+        proxy = self._open()
+        if name.startswith("_"):  # the driver's own, not the proxy's
+            return getattr(proxy.driver_connection, name)
+        # Through the proxy, and what it guards: a setting (PyMySQL's
+        # conn.autocommit(True)) is undone on close; a call that cannot be
+        # undone (sqlite3's set_trace_callback) closes the connection then;
+        # a ping never reconnects, and PyMySQL's connect() is not there.
+        # Read from the driver's connection, they reached the next caller.
+        return getattr(proxy, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         # any attribute: undone on close(), as a new driver connection would not have it

@@ -581,3 +581,46 @@ def test_a_reset_session_keeps_what_the_callers_connect_arguments_set(maria: Any
         assert all(d is seen[0] for d in seen)  # one connection, reset each time
     finally:
         m.close_all()
+
+
+def test_sqlite3_drop_in_keeps_a_trace_callback_from_the_next_caller(tmp_path: Any) -> None:
+    # The drop-in read the connection's other attributes from the driver's
+    # connection, past what the proxy guards: a trace callback a caller set
+    # (sqlite3 has no getter to save it) saw the next callers' statements,
+    # with their values.
+    m = poolkit.dbapi.wrap("sqlite3", max_size=1)
+    seen: list[str] = []
+    try:
+        c = m.connect(str(tmp_path / "trace.db"))
+        c.set_trace_callback(seen.append)
+        c.execute("SELECT 'mine'")
+        c.close()
+        c = m.connect(str(tmp_path / "trace.db"))
+        c.execute("SELECT 'the next caller''s secret'")
+        c.close()
+    finally:
+        m.close_all()
+    assert seen == ["SELECT 'mine'"]
+
+
+def test_pymysql_drop_in_never_reconnects_behind_the_pool(maria: Any) -> None:
+    # Read from the driver's connection, ping(reconnect=True) and connect()
+    # opened a new session behind the pool's back (the transaction went on
+    # in it, half lost); through the proxy, the ping raises on a dead
+    # connection and connect() is not there.
+    m = poolkit.dbapi.wrap("pymysql", max_size=1)
+    try:
+        c = m.connect(**MYSQL_ARGS)
+        assert not hasattr(c, "connect")
+        session = maria.server_id(c.pooled.driver_connection)
+        maria.kill(c.pooled.driver_connection)
+        with pytest.raises(m.OperationalError):
+            c.ping(reconnect=True)
+        c.close()
+        c = m.connect(**MYSQL_ARGS)
+        assert maria.server_id(c.pooled.driver_connection) != session  # a new one, opened by the pool
+        c.close()
+        (pool,) = m.pools().values()
+        assert pool.stats().closed_bad == 1
+    finally:
+        m.close_all()
