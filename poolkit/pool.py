@@ -2050,6 +2050,8 @@ class PooledConnection:
     select_db = _Setting()  # PyMySQL's: a method that changes the default database
     cursor_factory = _Setting()
     server_cursor_factory = _Setting()
+    prepared_max = _Setting()  # psycopg's
+    cursorclass = _Setting()  # PyMySQL's: DictCursor rows have no row[0]
 
     def _raw(self) -> Any:
         rec = self._rec

@@ -237,6 +237,28 @@ def test_the_next_borrower_is_on_the_database_the_connection_was_opened_on(maria
         assert pool.stats().closed == 1
 
 
+def test_cursor_classes_and_prepared_statement_caps_are_put_back(net_backend: Any) -> None:
+    # PyMySQL's cursorclass set through the proxy reached the next borrower,
+    # whose row[0] then raised KeyError on a dict row (psycopg's prepared_max
+    # too): setting them failed with "no attribute", read through as they are.
+    name, value = ("cursorclass", None) if net_backend.name == "mariadb" else ("prepared_max", 3)
+    if value is None:
+        import pymysql.cursors
+
+        value = pymysql.cursors.DictCursor
+    with Pool(net_backend.connect, max_size=1) as pool:
+        with pool.connection() as conn:
+            before = getattr(conn, name)
+            setattr(conn, name, value)
+            assert getattr(conn.driver_connection, name) is value
+        with pool.connection() as conn:
+            assert getattr(conn.driver_connection, name) == before
+            cur = conn.cursor()
+            cur.execute("SELECT 1")
+            assert cur.fetchone()[0] == 1
+        assert pool.stats().created == 1
+
+
 def test_a_ping_through_the_pool_never_reconnects(maria: Any, table: str) -> None:
     # PyMySQL's conn.ping(reconnect=True) (the default before PyMySQL 1.2, and
     # a common idiom) opened a new session behind the pool's back: work in
