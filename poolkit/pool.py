@@ -176,13 +176,13 @@ _UNRESTORABLE = frozenset(
         "set_charset",
     }
 )
-# psycopg's: a handler a caller adds through the proxy is removed on return.
-# Left, handlers piled up with every checkout (a leak, each one holding what
-# its caller's closure held) and were handed the next borrowers' notices.
-# methods of a driver's connection that may reconnect it in place (see
+# Methods of a driver's connection that may reconnect it in place (see
 # Driver.reconnects): refused by the proxy
 _RECONNECTING = frozenset({"connect"})
 
+# psycopg's: a handler a caller adds through the proxy is removed on return.
+# Left, handlers piled up with every checkout (a leak, each one holding what
+# its caller's closure held) and were handed the next borrowers' notices.
 _UNDONE_BY = {"add_notice_handler": "remove_notice_handler", "add_notify_handler": "remove_notify_handler"}
 
 
