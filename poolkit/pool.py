@@ -307,20 +307,20 @@ class _Conn:
 
     def __del__(self) -> None:
         # A record dies while still open only when the proxy holding it was
-        # dropped without being returned (idle ones sit on the stack, closed
-        # ones are retired). No locks and no I/O here: this can run inside the
+        # dropped without being returned (idle ones sit on the stack, and die
+        # only with their pool; closed ones are retired). No locks and no I/O here: this can run inside the
         # garbage collector, in any thread. A copy goes to the pool's orphans
         # (a deque: append is atomic) and the pool reclaims it later. Doing this
         # here and not in the proxy keeps a finalizer off every checkout.
         if self.retired:
             return
-        if self.pid != os.getpid():  # inherited by a forked child: never finalised there
-            _INHERITED.append(self.raw)
-            return
-        orphans = None if self.orphans is None else self.orphans()
-        if orphans is None:  # the pool is gone (and its idle records with it)
-            return
         try:
+            if self.pid != os.getpid():  # inherited by a forked child: never finalised there
+                _INHERITED.append(self.raw)
+                return
+            orphans = None if self.orphans is None else self.orphans()
+            if orphans is None:  # the pool is gone (and its idle records with it)
+                return
             twin = _Conn(self.raw, self.id, self.generation, self.epoch, self.created_at, self.expires_at)
             twin.orphans = self.orphans
             twin.poller = self.poller
