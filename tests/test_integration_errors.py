@@ -388,6 +388,54 @@ def test_postgresql_serialization_failure_is_retried(pg: Any, table: str) -> Non
     assert pg.execute(f"SELECT v FROM {table}")[0][0] == "101"
 
 
+def test_postgresql_session_ended_by_a_timeout_is_a_bad_connection_and_retried(
+    pg: Any, table: str, monkeypatch: Any
+) -> None:
+    # idle_in_transaction_session_timeout ends the session (FATAL 25P03): it
+    # was PERMANENT ("the server answered, so the connection works"), and
+    # idempotent work that waited too long between statements failed instead
+    # of running again on a new connection.
+    calls = 0
+    pids: list[int] = []
+
+    def work(conn: Any) -> str:
+        nonlocal calls
+        calls += 1
+        pids.append(pg.server_id(conn.driver_connection))
+        cur = conn.cursor()
+        if calls == 1:
+            cur.execute("SET idle_in_transaction_session_timeout = 100")
+        cur.execute(f"INSERT INTO {table} (id, v) VALUES (%s, 'once')", (calls,))
+        if calls == 1:
+            time.sleep(0.5)  # idle in the transaction: the server ends the session
+        cur.execute("SELECT 1")
+        return "ok"
+
+    with Pool(pg.connect, max_size=1, retry=FAST) as pool:
+        assert pool.run(work, idempotent=True) == "ok"
+        assert calls == 2 and pool.stats().retries == 1 and pool.stats().closed_bad == 1
+        assert pids[0] != pids[1]
+    assert pg.execute(f"SELECT id FROM {table}") == [(2,)]  # the first attempt's insert went with its session
+
+    c = pg.connect()
+    try:
+        c.execute("SET idle_in_transaction_session_timeout = 100")
+        c.execute("SELECT 1")
+        time.sleep(0.5)
+        with pytest.raises(Exception) as caught:
+            c.execute("SELECT 1")
+    finally:
+        c.close()
+    got = poolkit.classify(caught.value)
+    assert got.category is poolkit.Category.BAD_CONNECTION, got
+    # any error after which the server ended the session (FATAL), listed or not
+    from poolkit.drivers import psycopg as psycopg_driver
+
+    monkeypatch.delitem(psycopg_driver._SQLSTATE_RULES, "25P03")
+    got = poolkit.classify(caught.value)
+    assert (got.category, got.reason) == (poolkit.Category.BAD_CONNECTION, "session_ended"), got
+
+
 def test_psycopg_transaction_block_first_in_the_work_is_a_savepoint_of_runs_transaction(pg: Any, table: str) -> None:
     # On a connection that is not in autocommit mode psycopg begins a
     # transaction only before the first statement, so a conn.transaction()

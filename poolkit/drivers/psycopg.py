@@ -41,7 +41,13 @@ _SQLSTATE_RULES = {
     "57P01": ("BAD_CONNECTION", "server_shutdown"),  # admin_shutdown (pg_terminate_backend too)
     "57P02": ("BAD_CONNECTION", "server_shutdown"),  # crash_shutdown
     "57P03": ("BAD_CONNECTION", "server_starting"),  # cannot_connect_now
+    # the server ended the session (FATAL): the connection is gone
+    "25P03": ("BAD_CONNECTION", "idle_in_transaction_timeout"),  # idle_in_transaction_session_timeout
+    "25P04": ("BAD_CONNECTION", "transaction_timeout"),  # transaction_timeout (PostgreSQL 17)
+    "57P05": ("BAD_CONNECTION", "idle_session_timeout"),  # idle_session_timeout (PostgreSQL 14)
 }
+# Severities of an error after which the server has ended the session
+_SESSION_ENDED = frozenset({"FATAL", "PANIC"})
 
 
 def _begin_command(conn: Any, isolation_level: str | None) -> str:
@@ -152,6 +158,10 @@ class PsycopgDriver(Driver):
                     return ("PERMANENT", "integrity")
                 if state.startswith("42"):
                     return ("PERMANENT", "syntax")
+                diag = exc.diag
+                if (diag.severity_nonlocalized or diag.severity) in _SESSION_ENDED:
+                    # the server answered, and then ended the session
+                    return ("BAD_CONNECTION", "session_ended")
                 # the server answered, so the connection works
                 return ("PERMANENT", "server_error")
             if isinstance(exc, psycopg.OperationalError):
