@@ -179,6 +179,9 @@ _UNRESTORABLE = frozenset(
 # Methods of a driver's connection that may reconnect it in place (see
 # Driver.reconnects): refused by the proxy
 _RECONNECTING = frozenset({"connect"})
+# Methods of a driver's connection or cursor that may commit the open
+# transaction first (see Driver.commits_first): refused inside pool.run
+_COMMITS_FIRST = frozenset({"begin", "executescript"})
 
 # psycopg's: a handler a caller adds through the proxy is removed on return.
 # Left, handlers piled up with every checkout (a leak, each one holding what
@@ -2238,6 +2241,16 @@ class PooledConnection:
         if owner is not None and owner[0] is self:
             raise _owned(owner[1], what)
 
+    def _refuse_commit_first(self, name: str) -> None:
+        """Refuse ``name`` of the driver's connection (or of its cursors) if
+        it would commit the transaction pool.run or pool.transaction owns
+        first (see ``Driver.commits_first``)."""
+        rec = self._rec
+        if rec is not None and rec.owner is not None:
+            driver: Driver = rec.pool._driver  # type: ignore[union-attr,assignment]
+            if driver.commits_first(rec.raw, name):
+                self._refuse_if_owned(f"{name}(), which commits the open transaction first ({driver.name}),")
+
     def _own(self, where: str) -> tuple[_Conn, _Held]:
         """Until :meth:`_disown`, the transaction on this connection is
         ``where``'s (pool.run, pool.transaction): commit(), rollback() and a
@@ -2275,9 +2288,9 @@ class PooledConnection:
     def __getattr__(self, name: str) -> Any:
         if name in _PROXY_SLOTS:  # not set: a proxy the pool did not make
             raise AttributeError(f"this PooledConnection was not made by a pool: {name} is not set")
-        if name == "begin":  # PyMySQL's: MySQL commits the open transaction first
-            self._refuse_if_owned("begin(), which commits the open transaction first (MySQL),")
         raw = self._raw()
+        if name in _COMMITS_FIRST:
+            self._refuse_commit_first(name)
         if name in _RECONNECTING and self._pool._driver.reconnects(raw, name):  # type: ignore[union-attr]
             raise AttributeError(
                 f"{name}() is not available through the pool: this driver's {name}() opens a new session "
@@ -2417,7 +2430,10 @@ class PooledCursor:
         self.close()
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._cur(), name)
+        cur = self._cur()
+        if name in _COMMITS_FIRST:  # sqlite3's cursor.executescript()
+            self._conn._refuse_commit_first(name)
+        return getattr(cur, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self._cur(), name, value)

@@ -157,6 +157,10 @@ def _end_it(backend: Any, how: str) -> Any:
             conn.rollback()
         elif how == "begin":  # PyMySQL's begin(); MySQL commits what is open first
             conn.begin()
+        elif how == "executescript":  # sqlite3's commits what is open first
+            conn.executescript("SELECT 1;")
+        elif how == "cursor.executescript":
+            conn.cursor().executescript("SELECT 1;")
         elif backend.name == "mariadb":  # PyMySQL: a method, and SET autocommit=1 commits
             conn.autocommit(True)
         elif backend.name == "sqlite":  # sqlite3 commits when the level becomes None
@@ -179,6 +183,31 @@ def test_pymysql_begin_cannot_end_the_transaction(maria: Any, table: str) -> Non
     # transaction first: the first row and the request id committed, and a
     # call again with the id skipped the rest.
     _cannot_end(maria, table, "begin")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("how", ["executescript", "cursor.executescript"])
+def test_sqlite_executescript_cannot_end_the_transaction(sqlite_backend: Any, table: str, how: str) -> None:
+    # sqlite3's executescript() (the connection's or a cursor's) commits the
+    # open transaction first: the first row committed on its own, so a retry
+    # after a conflict inserted it again, and a request id committed with
+    # half the work.
+    _cannot_end(sqlite_backend, table, how)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(
+    sys.version_info < (3, 12),
+    reason="sqlite3's autocommit attribute is Python 3.12+: the py313 tox environment runs this",
+)
+def test_sqlite_executescript_is_taken_where_it_commits_nothing(sqlite_backend: Any, table: str) -> None:
+    # With autocommit=False, executescript() leaves the transaction alone
+    connect = functools.partial(
+        sqlite3.connect, sqlite_backend.extra["path"], check_same_thread=False, timeout=0.2, autocommit=False
+    )
+    with Pool(connect, max_size=1, retry=FAST) as pool:
+        pool.run(lambda conn: conn.executescript(f"INSERT INTO {table} (id, v) VALUES (1, 'script');"))
+    assert count(sqlite_backend, table) == 1
 
 
 def _cannot_end(backend: Any, table: str, how: str) -> None:

@@ -165,6 +165,14 @@ class Driver:
         become a new session behind the pool's back."""
         return {}
 
+    def commits_first(self, conn: Any, name: str) -> bool:
+        """Whether the method ``name`` of the connection (or of its cursors)
+        commits the open transaction before it does anything else (PyMySQL's
+        ``begin()``, sqlite3's ``executescript()`` outside its 3.12+
+        ``autocommit`` modes): refused inside ``pool.run`` and
+        ``pool.transaction``, whose transaction it would end half way."""
+        return False
+
     def reconnects(self, conn: Any, name: str) -> bool:
         """Whether the connection's method ``name`` opens a new session in
         place of its own (PyMySQL's ``connect()``): the proxy does not hand
@@ -377,6 +385,10 @@ class DelegatingDriver(Driver):
     def no_reconnect(self, conn: Any) -> dict[str, Any]:
         raw, d = self._inner(conn)
         return d.no_reconnect(raw)
+
+    def commits_first(self, conn: Any, name: str) -> bool:
+        raw, d = self._inner(conn)
+        return d.commits_first(raw, name)
 
     def reconnects(self, conn: Any, name: str) -> bool:
         raw, d = self._inner(conn)

@@ -107,6 +107,9 @@ class PyMySQLDriver(Driver):
         # conn.ping(reconnect=True) is a common idiom
         return {"reconnect": False}
 
+    def commits_first(self, conn: Any, name: str) -> bool:
+        return name == "begin"  # MySQL commits the open transaction first
+
     def reconnects(self, conn: Any, name: str) -> bool:
         # connect() opens a new socket and session in place, and leaves the
         # old one open, with its transaction and locks, until collected

@@ -12,6 +12,8 @@ from poolkit.drivers._base import BROKEN, IDLE, IN_TRANSACTION, Driver, classify
 logger = logging.getLogger("poolkit.drivers")
 
 _BUSY_CODES = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (low byte of the extended code)
+# sqlite3's autocommit before Python 3.12 (no such attribute): its legacy mode
+_LEGACY = getattr(sqlite3, "LEGACY_TRANSACTION_CONTROL", -1)
 
 
 def _end(conn: Any, command: str) -> None:
@@ -62,6 +64,11 @@ class SQLite3Driver(Driver):
 
     def commit(self, conn: Any) -> None:
         _end(conn, "COMMIT")
+
+    def commits_first(self, conn: Any, name: str) -> bool:
+        # executescript() commits a pending transaction first, unless the
+        # connection is in one of Python 3.12's autocommit modes
+        return name == "executescript" and getattr(conn, "autocommit", _LEGACY) == _LEGACY
 
     def keeps_transaction_open(self, conn: Any) -> bool:
         # autocommit=False (Python 3.12+): sqlite3 begins a transaction at
