@@ -1093,19 +1093,20 @@ class Pool:
             raise PoolClosed(f"pool {self.name!r} is closed")
         return None
 
-    def _check_configured(self, raw: Any) -> None:
-        """``configure`` must leave no transaction open (psycopg opens one at
-        its first statement, a SET too): the first rollback on return would
-        undo what it set, for every later borrower. As psycopg_pool does, the
-        connection is refused, with the fix named."""
+    def _check_configured(self, raw: Any, by: str = "configure") -> None:
+        """``configure`` (or ``connect``, ``by``) must leave no transaction
+        open (psycopg opens one at its first statement, a SET too): the first
+        rollback on return would undo what it set, for every later borrower.
+        As psycopg_pool does, the connection is refused, with the fix named."""
         state = self._driver.transaction_state(raw)  # type: ignore[union-attr]
         if state == IN_TRANSACTION and self._driver.keeps_transaction_open(raw):  # type: ignore[union-attr]
             return  # the one a commit in configure began: nothing of configure's is in it
         if state in (IN_TRANSACTION, BROKEN):
             left = "in a transaction" if state == IN_TRANSACTION else "broken"
             raise ValueError(
-                f"pool {self.name!r}: configure left the new connection {left}: what it set would be undone "
-                "by the first rollback on return; end the transaction in configure (conn.commit())"
+                f"pool {self.name!r}: {by} left the new connection {left}: what it set would be undone "
+                f"by the first rollback on return; end the transaction in {by} (conn.commit())"
+                + (", or set it up in configure=" if by == "connect" else "")
             )
 
     def _log_advice(self, raw: Any) -> None:
@@ -1155,6 +1156,9 @@ class Pool:
                     self._driver.check_config(raw)
                     self._driver_checked = True
                     self._log_advice(raw)
+                # what a connect callable set (a SET after psycopg.connect())
+                # would be lost as configure's would
+                self._check_configured(raw, by="connect")
                 if self._configure is not None:
                     self._configure(raw)
                     self._check_configured(raw)

@@ -329,6 +329,34 @@ def test_configure_that_leaves_a_transaction_open_is_refused(pg: Any) -> None:
                 conn.execute("SELECT 1")  # a transaction, rolled back on return
 
 
+def test_a_connect_callable_that_leaves_a_transaction_open_is_refused(pg: Any) -> None:
+    # The same for a connect callable that sets the session up itself (a SET
+    # after psycopg.connect()): the first borrower saw it, every later one
+    # got the server's default, with nothing said.
+    def unfinished() -> Any:
+        raw = pg.connect()
+        raw.execute("SET search_path TO pg_catalog")
+        return raw
+
+    with Pool(unfinished, max_size=1) as pool:
+        t0 = time.monotonic()
+        with pytest.raises(ValueError, match=r"connect left the new connection in a transaction.*configure="):
+            pool.acquire(timeout=10)
+        assert time.monotonic() - t0 < 2
+        assert pool.stats().open == 0
+
+    def finished() -> Any:
+        raw = unfinished()
+        raw.commit()
+        return raw
+
+    with Pool(finished, max_size=1) as pool:
+        for _ in range(2):
+            with pool.connection() as conn:
+                assert conn.execute("SHOW search_path").fetchone()[0] == "pg_catalog"
+                conn.execute("SELECT 1")
+
+
 def test_what_configure_set_survives_reset_session(net_backend: Any) -> None:
     # The driver's reset (RESET ALL, COM_RESET_CONNECTION) put the session's
     # settings back to the server's defaults, configure's too: from the
