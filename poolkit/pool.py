@@ -1105,8 +1105,12 @@ class Pool:
             left = "in a transaction" if state == IN_TRANSACTION else "broken"
             raise ValueError(
                 f"pool {self.name!r}: {by} left the new connection {left}: what it set would be undone "
-                f"by the first rollback on return; end the transaction in {by} (conn.commit())"
-                + (", or set it up in configure=" if by == "connect" else "")
+                "by the first rollback on return; end the transaction "
+                + (
+                    "in configure (conn.commit())"
+                    if by == "configure"
+                    else "there (commit it), or set the session up in the pool's configure hook"
+                )
             )
 
     def _log_advice(self, raw: Any) -> None:
@@ -1158,7 +1162,7 @@ class Pool:
                     self._log_advice(raw)
                 # what a connect callable set (a SET after psycopg.connect())
                 # would be lost as configure's would
-                self._check_configured(raw, by="connect")
+                self._check_configured(raw, by=self._driver.connect_is)
                 if self._configure is not None:
                     self._configure(raw)
                     self._check_configured(raw)

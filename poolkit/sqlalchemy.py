@@ -71,6 +71,7 @@ class _RecordDriver(DelegatingDriver):
     SQLAlchemy invalidated it)."""
 
     name = "sqlalchemy"
+    connect_is = "the engine's connect event listener"
 
     def __init__(self, dispatch: Any) -> None:
         self._dispatch = dispatch  # the SQLAlchemy pool's events

@@ -236,6 +236,26 @@ def test_what_connect_listeners_set_survives_reset_session(net_backend: Any, tmp
         eng.dispose()
 
 
+def test_a_connect_listener_that_leaves_a_transaction_open_is_refused(pg: Any, tmp_path: Any) -> None:
+    # A connect listener that sets the session up without committing: with
+    # QueuePool the first checkout saw the setting and its rollback on return
+    # took it away from every later one, with nothing said. The plugin
+    # refuses the connection, naming the listener and the fix.
+    eng = create_engine(url_for(pg, tmp_path) + "?plugin=poolkit&poolkit_max_size=1&poolkit_timeout=5")
+
+    @event.listens_for(eng, "connect")
+    def set_search_path(dbapi_conn: Any, record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("SET search_path TO pg_catalog")
+        cur.close()
+
+    try:
+        with pytest.raises(ValueError, match=r"the engine's connect event listener left the new connection in a tran"):
+            eng.connect()
+    finally:
+        eng.dispose()
+
+
 def test_retry_helper_survives_a_kill_between_attempts_and_never_applies_twice(pg: Any, tmp_path: Any) -> None:
     eng = create_engine(url_for(pg, tmp_path) + "?plugin=poolkit", pool_reset_on_return=None)
     Base.metadata.drop_all(eng)

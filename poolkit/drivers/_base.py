@@ -117,6 +117,9 @@ class Driver:
     #: a thread of its own, so that a caller waits no longer than its
     #: timeout; an embedded database (sqlite3) connects in the caller's.
     connect_can_hang = True
+    #: what the pool's ``connect`` callable is, to the user, in the error
+    #: that refuses a new connection it returned in a transaction
+    connect_is = "connect"
 
     def socket_fd(self, conn: Any) -> int | None:
         """The file descriptor of the connection's socket, for the liveness
