@@ -975,7 +975,11 @@ class Pool:
         ``ping_timeout``, the bound of the check it replaces."""
         driver = self._driver
         if deadline == _INF or (driver is not None and not driver.connect_can_hang):
-            return self._open_in_slot(deadline)
+            try:
+                return self._open_in_slot(deadline)
+            except PoolTimeout:
+                self._count_timeout()
+                raise
         until = time.monotonic() + self._ping_timeout if late else deadline
         job = _Connecting()
         with self._lock:
@@ -1002,8 +1006,17 @@ class Pool:
                 "(it goes on, and the connection it makes joins the pool; give the driver a connect_timeout)"
             ) from self._last_connect_error
         if job.error is not None:
+            if isinstance(job.error, PoolTimeout):  # the connect gave up at the deadline
+                self._count_timeout()
             raise job.error
         return job.rec
+
+    def _count_timeout(self) -> None:
+        """A caller gets PoolTimeout: its connects failed until its deadline
+        (a server that refuses them, say), which ``stats().timeouts`` counts
+        as it counts a wait for a connection that ran out."""
+        with self._lock:
+            self._timeouts += 1
 
     def _leave(self, job: _Connecting, *, timed_out: bool) -> bool:
         """The caller stops waiting for ``job``. True if the connect has not

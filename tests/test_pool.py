@@ -424,6 +424,18 @@ def test_connect_failure_retries_with_backoff_then_times_out_with_cause(make_poo
     assert isinstance(info.value.__cause__, fakedb.OperationalError)
     assert pool.stats().connect_errors >= 2  # retried, with backoff
     assert pool.stats().open == 0  # the slot was given back
+    assert pool.stats().timeouts == 1  # counted as a timeout, as a wait that ran out is
+
+
+def test_a_connect_that_fails_until_the_deadline_counts_as_a_timeout_in_the_callers_thread(tmp_path: Any) -> None:
+    # sqlite3 connects in the caller's thread (its connect cannot hang): the
+    # PoolTimeout it ends in was not counted in stats().timeouts, the figure
+    # that shows callers turned away.
+    missing = str(tmp_path / "no-such-dir" / "x.db")
+    with Pool(lambda: sqlite3.connect(missing, check_same_thread=False), max_size=1) as pool:
+        with pytest.raises(PoolTimeout):
+            pool.acquire(timeout=0.3)
+        assert pool.stats().timeouts == 1 and pool.stats().connect_errors >= 2
 
 
 def test_connect_recovers_when_the_server_comes_back(make_pool: Any, server: fakedb.Server) -> None:
