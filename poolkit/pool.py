@@ -311,10 +311,11 @@ class _Conn:
     def __del__(self) -> None:
         # A record dies while still open only when the proxy holding it was
         # dropped without being returned (idle ones sit on the stack, and die
-        # only with their pool; closed ones are retired). No locks and no I/O here: this can run inside the
-        # garbage collector, in any thread. A copy goes to the pool's orphans
-        # (a deque: append is atomic) and the pool reclaims it later. Doing this
-        # here and not in the proxy keeps a finalizer off every checkout.
+        # only with their pool; closed ones are retired). No locks and no I/O
+        # here: this can run inside the garbage collector, in any thread. A
+        # copy goes to the pool's orphans (a deque: append is atomic) and the
+        # pool reclaims it later. Doing this here and not in the proxy keeps a
+        # finalizer off every checkout.
         if self.retired:
             return
         try:
