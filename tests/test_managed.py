@@ -202,12 +202,17 @@ def test_sqlite_executescript_cannot_end_the_transaction(sqlite_backend: Any, ta
 )
 def test_sqlite_executescript_is_taken_where_it_commits_nothing(sqlite_backend: Any, table: str) -> None:
     # With autocommit=False, executescript() leaves the transaction alone
-    connect = functools.partial(
-        sqlite3.connect, sqlite_backend.extra["path"], check_same_thread=False, timeout=0.2, autocommit=False
-    )
+    connect = _sqlite_connect(sqlite_backend, autocommit=False)
     with Pool(connect, max_size=1, retry=FAST) as pool:
         pool.run(lambda conn: conn.executescript(f"INSERT INTO {table} (id, v) VALUES (1, 'script');"))
     assert count(sqlite_backend, table) == 1
+
+
+def _sqlite_connect(backend: Any, *, autocommit: bool) -> Any:
+    """A connect for ``backend``'s database in one of sqlite3's 3.12+ autocommit modes."""
+    return functools.partial(
+        sqlite3.connect, backend.extra["path"], check_same_thread=False, timeout=0.2, autocommit=autocommit
+    )
 
 
 def _cannot_end(backend: Any, table: str, how: str) -> None:
@@ -310,9 +315,7 @@ def test_sqlite_autocommit_mode_gets_its_transactions_ended(sqlite_backend: Any,
     # commit committed nothing (the writes were lost, and the calls reported
     # success), and the next borrower got the open transaction, as it got one
     # a caller began in SQL and returned.
-    connect = functools.partial(
-        sqlite3.connect, sqlite_backend.extra["path"], check_same_thread=False, timeout=0.2, autocommit=True
-    )
+    connect = _sqlite_connect(sqlite_backend, autocommit=True)
     with Pool(connect, max_size=1, retry=FAST) as pool:
         pool.run(lambda conn: conn.execute(f"INSERT INTO {table} (id, v) VALUES (1, 'run')"))
         with pool.transaction() as conn:
@@ -346,9 +349,7 @@ def test_sqlite_with_autocommit_false_takes_a_configure_that_commits(sqlite_back
         raw.execute("INSERT INTO configured VALUES (1)")
         raw.commit()
 
-    connect = functools.partial(
-        sqlite3.connect, sqlite_backend.extra["path"], check_same_thread=False, timeout=0.2, autocommit=False
-    )
+    connect = _sqlite_connect(sqlite_backend, autocommit=False)
     with Pool(connect, max_size=1, retry=FAST, configure=configure) as pool:
         for i in range(2):  # what configure committed outlives the rollback on return
             with pool.connection() as conn:

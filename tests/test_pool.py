@@ -1387,6 +1387,23 @@ def test_dropped_proxy_is_reclaimed(make_pool: Any, caplog: Any) -> None:
     assert "dropped without being returned" in caplog.text
 
 
+def _in_child(fn: Any) -> bytes:
+    """``fn()`` in a forked child; what it returned (at most 64 bytes)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            os.close(r)
+            os.write(w, fn())
+        finally:
+            os._exit(0)
+    os.close(w)
+    result = os.read(r, 64)
+    os.waitpid(pid, 0)
+    os.close(r)
+    return result
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 # forking with the pool's threads running is the point of this test
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
@@ -1396,23 +1413,15 @@ def test_forked_child_never_uses_or_closes_inherited_connections(make_pool: Any,
     with pool.connection():
         pass
     parent_raws = {held.driver_connection.id, *(c.id for c in server.open_connections)}
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        try:
-            os.close(r)
-            with pool.connection(timeout=2) as conn:
-                ok = conn.driver_connection.id not in parent_raws
-            held.close()  # returning an inherited connection must not close it
-            inherited_open = all(not c.closed for c in server.connections if c.id in parent_raws)
-            os.write(w, b"ok" if ok and inherited_open else b"bad")
-        finally:
-            os._exit(0)
-    os.close(w)
-    result = os.read(r, 10)
-    os.waitpid(pid, 0)
-    os.close(r)
-    assert result == b"ok"
+
+    def child() -> bytes:
+        with pool.connection(timeout=2) as conn:
+            ok = conn.driver_connection.id not in parent_raws
+        held.close()  # returning an inherited connection must not close it
+        inherited_open = all(not c.closed for c in server.connections if c.id in parent_raws)
+        return b"ok" if ok and inherited_open else b"bad"
+
+    assert _in_child(child) == b"ok"
     assert not held.driver_connection.closed  # the parent's connections are untouched
     held.close()
 
@@ -1430,21 +1439,14 @@ def test_forked_child_that_drops_an_inherited_proxy_keeps_its_connection_alive(t
     pool = Pool(lambda: sqlite3.connect(path, check_same_thread=False, factory=Connection), max_size=1)
     held = pool.acquire()
     raw = weakref.ref(held.driver_connection)
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        try:
-            os.close(r)
-            del held
-            gc.collect()
-            os.write(w, b"ok" if raw() is not None else b"finalised")
-        finally:
-            os._exit(0)
-    os.close(w)
-    result = os.read(r, 20)
-    os.waitpid(pid, 0)
-    os.close(r)
-    assert result == b"ok"
+
+    def child() -> bytes:
+        nonlocal held
+        del held
+        gc.collect()
+        return b"ok" if raw() is not None else b"finalised"
+
+    assert _in_child(child) == b"ok"
     held.close()
     pool.close()
 
