@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import tenacity
 
 from poolkit.classify import Category, classify
+from poolkit.drivers import IN_TRANSACTION
 from poolkit.errors import AmbiguousCommitError, ManagedTransactionError, PoolError
 
 if TYPE_CHECKING:
@@ -151,11 +152,28 @@ class Ledger:
         conn.commit()
         self._ready = True
 
+    def _refuse_open_transaction(self, conn: PooledConnection, what: str) -> None:
+        """Refuse ``what``, which ends the transaction it runs in, on a
+        connection in a transaction of the caller's: its uncommitted work
+        would go with it (rolled back, or committed early), and a read in it
+        may see an old snapshot."""
+        driver = conn.pool._driver
+        assert driver is not None
+        raw = conn.driver_connection
+        if driver.transaction_state(raw) == IN_TRANSACTION and not driver.keeps_transaction_open(raw):
+            raise PoolError(
+                f"{what} on a connection in a transaction: it ends the transaction, and what the transaction "
+                "has not committed would go with it. Commit or roll back first (or call it on a connection "
+                "of its own)"
+            )
+
     def committed(self, conn: PooledConnection, request_id: str) -> bool:
-        """Whether work under ``request_id`` has committed. Ends the read
-        transaction, so the work that follows starts a fresh one (and so it
-        cannot be called inside ``pool.run`` or ``pool.transaction``)."""
+        """Whether work under ``request_id`` has committed. Reads in a
+        transaction of its own and ends it, so it is refused on a connection
+        in a transaction (inside ``pool.run`` or ``pool.transaction``, or of
+        the caller's: what it has not committed would be rolled back)."""
         conn._refuse_if_owned("pool.ledger.committed(), which rolls back the transaction it reads in,")
+        self._refuse_open_transaction(conn, "pool.ledger.committed(), which rolls back the transaction it reads in,")
         self.ensure(conn)
         ph = conn.pool._driver.placeholder(conn.driver_connection)  # type: ignore[union-attr]
         cur = conn.cursor()
@@ -181,6 +199,7 @@ class Ledger:
         """Delete ids recorded more than ``older_than`` seconds ago; returns
         how many. Commits (so not inside ``pool.run`` or ``pool.transaction``)."""
         conn._refuse_if_owned("Ledger.prune(), which commits,")
+        self._refuse_open_transaction(conn, "Ledger.prune(), which commits,")
         self.ensure(conn)
         driver = conn.pool._driver
         assert driver is not None

@@ -858,6 +858,29 @@ def test_request_id_work_runs_once_on_every_backend(backend: Any, table: str) ->
         backend.execute(f"DROP TABLE IF EXISTS {ledger}")
 
 
+def test_asking_the_ledger_never_takes_the_callers_uncommitted_work_with_it(backend: Any, table: str) -> None:
+    # pool.ledger.committed() reads in a transaction of its own and rolls it
+    # back. Asked on a connection with work not yet committed, it rolled that
+    # work back (the first time it was asked, its CREATE of the ledger
+    # committed the work instead), and the caller's commit committed nothing.
+    ledger = f"ledger_ask_{backend.name}"
+    backend.execute(f"DROP TABLE IF EXISTS {ledger}")
+    try:
+        with Pool(backend.connect, max_size=1, ledger_table=ledger) as pool:
+            for i in (1, 2):
+                with pool.connection() as conn:
+                    conn.cursor().execute(f"INSERT INTO {table} (id, v) VALUES ({i}, 'mine')")
+                    with pytest.raises(poolkit.PoolError, match=r"ledger.committed\(\).*in a transaction"):
+                        pool.ledger.committed(conn, f"req-{i}")
+                    with pytest.raises(poolkit.PoolError, match=r"prune\(\).*in a transaction"):
+                        pool.ledger.prune(conn, 3600)
+                    conn.commit()
+                    assert not pool.ledger.committed(conn, f"req-{i}")  # nothing open now: asked
+            assert count(backend, table) == 2
+    finally:
+        backend.execute(f"DROP TABLE IF EXISTS {ledger}")
+
+
 def test_a_second_call_with_the_same_id_waits_for_the_first_and_never_runs_the_work(pg: Any, table: str) -> None:
     # A holds its id's ledger row, uncommitted, inside its work; B, with the
     # same id, must wait on that row and, once A commits, return without
