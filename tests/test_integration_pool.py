@@ -598,3 +598,29 @@ def test_reset_session_on_a_driver_with_no_reset_says_so(backend: Any, caplog: A
                 pass
     said = [r for r in caplog.records if "has no session reset" in r.getMessage()]
     assert len(said) == (1 if backend.name == "sqlite" else 0)
+
+
+def test_the_readmes_quick_start_runs_as_written(pg: Any) -> None:
+    # Its second order once had the first's id, and the example raised
+    # UniqueViolation where a reader copied it.
+    import os
+    import re
+
+    from backends import PG_DSN
+
+    with open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    found = re.search(r"## Quick start\n\n```python\n(.*?)```", readme, re.S)
+    assert found is not None
+    code = found.group(1)
+    assert '"host=db dbname=app"' in code
+    for table in ("orders", "poolkit_requests"):  # the example's table, and the default ledger
+        pg.execute(f"DROP TABLE IF EXISTS {table}")
+    pg.execute("CREATE TABLE orders (id INT PRIMARY KEY, paid BOOLEAN NOT NULL DEFAULT false)")
+    try:
+        exec(compile(code.replace('"host=db dbname=app"', repr(PG_DSN)), "README quick start", "exec"), {})
+        assert pg.execute("SELECT id, paid FROM orders ORDER BY id") == [(41, False), (42, True)]
+        assert pg.execute("SELECT request_id FROM poolkit_requests") == [("order-42",)]
+    finally:
+        for table in ("orders", "poolkit_requests"):
+            pg.execute(f"DROP TABLE IF EXISTS {table}")
