@@ -259,6 +259,29 @@ def test_cursor_classes_and_prepared_statement_caps_are_put_back(net_backend: An
         assert pool.stats().created == 1
 
 
+@pytest.mark.parametrize("opened_with", [False, True])
+def test_autocommit_set_in_sql_does_not_reach_the_next_borrower(maria: Any, table: str, opened_with: bool) -> None:
+    # SET autocommit sent as SQL, behind PyMySQL's back: with it left on, the
+    # next borrower's write committed as it ran, and its rollback undid
+    # nothing; left off, a connection opened with autocommit=True kept the
+    # next borrower's writes in a transaction that the return rolled back.
+    import pymysql
+    from backends import MYSQL_ARGS
+
+    connect = functools.partial(pymysql.connect, **{**MYSQL_ARGS, "autocommit": opened_with})
+    with Pool(connect, max_size=1) as pool:
+        with pool.connection() as conn:
+            first = conn.driver_connection
+            conn.cursor().execute(f"SET autocommit = {int(not opened_with)}")
+        with pool.connection() as conn:
+            assert conn.driver_connection is first  # put back, not closed
+            conn.cursor().execute(f"INSERT INTO {table} (id, v) VALUES (1, 'next')")
+            if not opened_with:
+                conn.rollback()
+        assert maria.execute(f"SELECT count(*) FROM {table}")[0][0] == (1 if opened_with else 0)
+        assert pool.stats().closed == 0
+
+
 def test_a_ping_through_the_pool_never_reconnects(maria: Any, table: str) -> None:
     # PyMySQL's conn.ping(reconnect=True) (the default before PyMySQL 1.2, and
     # a common idiom) opened a new session behind the pool's back: work in

@@ -6,9 +6,10 @@ from typing import Any
 
 import pymysql
 
-from poolkit.drivers._base import BROKEN, IDLE, IN_TRANSACTION, Driver, classify_generic, execute_each
+from poolkit.drivers._base import BROKEN, IDLE, IN_TRANSACTION, UNKNOWN, Driver, classify_generic, execute_each
 
 SERVER_STATUS_IN_TRANS = 1
+SERVER_STATUS_AUTOCOMMIT = 2
 COM_RESET_CONNECTION = 0x1F  # MySQL >= 5.7.3, MariaDB >= 10.2.4
 
 _CODE_RULES = {
@@ -52,7 +53,22 @@ class PyMySQLDriver(Driver):
         result = conn._result
         if result is not None and result.unbuffered_active:
             return BROKEN  # an unbuffered result was not read to the end
-        return IN_TRANSACTION if conn.server_status & SERVER_STATUS_IN_TRANS else IDLE
+        status = conn.server_status
+        if status & SERVER_STATUS_IN_TRANS:
+            return IN_TRANSACTION
+        mode = conn.autocommit_mode
+        if mode is not None and (not status & SERVER_STATUS_AUTOCOMMIT) is not (not mode):
+            # SET autocommit sent as SQL, behind PyMySQL's back: the next
+            # borrower's writes would commit as they ran (or, the other way,
+            # never). Not IDLE, so the return puts it back (see rollback).
+            return UNKNOWN
+        return IDLE
+
+    def rollback(self, conn: Any) -> None:
+        conn.rollback()
+        mode = conn.autocommit_mode
+        if mode is not None and conn.get_autocommit() != bool(mode):
+            conn.autocommit(mode)  # as the connection was opened, or set through the proxy
 
     # select_db(): the session's default database, which the next caller
     # would otherwise inherit (its unqualified tables in another database)
