@@ -115,7 +115,9 @@ def classify(
     ``during_commit``: the error came from COMMIT, so a lost connection
     means the outcome is unknown (``AMBIGUOUS``). ``connection``: the raw
     connection the error came from; one that reports itself broken makes an
-    otherwise unknown error ``BAD_CONNECTION``.
+    otherwise unknown error ``BAD_CONNECTION``, and a write refused as
+    read-only on a connection the caller made read-only (psycopg's
+    ``read_only``) is ``PERMANENT``, not ``NOT_LEADER``.
     """
     best: Classification | None = None
     for e in _chain(exc):
@@ -125,14 +127,22 @@ def classify(
         c = Classification(Category[found[0]], found[1], e)
         if best is None or _RANK[c.category] > _RANK[best.category]:
             best = c
-    if connection is not None and (best is None or best.category is Category.PERMANENT):
+    if connection is not None:
         d = driver if driver is not None else driver_for_module(type(connection).__module__)
-        try:
-            broken = d.is_broken(connection)
-        except Exception:
-            broken = True
-        if broken:
-            best = Classification(Category.BAD_CONNECTION, "broken", exc)
+        if best is not None and best.category is Category.NOT_LEADER:
+            try:
+                mine = d.read_only_by_caller(connection)
+            except Exception:
+                mine = False
+            if mine:  # read-only by the caller's own choice: any node would refuse the write
+                best = Classification(Category.PERMANENT, "read_only_by_caller", best.source)
+        if best is None or best.category is Category.PERMANENT:
+            try:
+                broken = d.is_broken(connection)
+            except Exception:
+                broken = True
+            if broken:
+                best = Classification(Category.BAD_CONNECTION, "broken", exc)
     if best is None:
         return _UNKNOWN if exc is None else Classification(Category.PERMANENT, "unknown", exc)
     if during_commit and best.category is Category.BAD_CONNECTION:

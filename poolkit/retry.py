@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import tenacity
 
-from poolkit.classify import Category, classify
+from poolkit.classify import Category, Classification, classify
 from poolkit.drivers import IN_TRANSACTION
 from poolkit.errors import AmbiguousCommitError, ManagedTransactionError, PoolError
 
@@ -218,12 +218,22 @@ class _Attempt:
     """What one call's attempts got to: the stage the current one is at, and
     what the failures so far say about the next wait."""
 
-    __slots__ = ("at_once", "bad_connections", "stage")
+    __slots__ = ("at_once", "bad_connections", "seen", "stage")
 
     def __init__(self) -> None:
         self.stage = "checkout"  # checkout -> begin -> work -> commit
         self.bad_connections = 0
         self.at_once = False  # the next attempt starts without a wait
+        # the last failure, classified while its connection was still at hand
+        # (what only the connection can tell: see classify's ``connection``)
+        self.seen: tuple[BaseException, Classification] | None = None
+
+    def classify(self, pool: Pool, exc: BaseException) -> Classification:
+        """``exc``'s classification: the one made with its connection, if any."""
+        seen = self.seen
+        if seen is not None and seen[0] is exc:
+            return seen[1]
+        return pool.classify(exc, during_commit=self.stage == "commit")
 
     def failed(self, category: Category) -> None:
         """An attempt failed with ``category`` at the current stage.
@@ -277,16 +287,16 @@ def make_retrying(
     )
 
 
-def _log_retry(pool: Pool, policy: Retry, stage: str, rs: tenacity.RetryCallState) -> None:
+def _log_retry(pool: Pool, policy: Retry, state: _Attempt, rs: tenacity.RetryCallState) -> None:
     pool._count_retry()
     exc = rs.outcome.exception() if rs.outcome is not None else None
-    c = pool.classify(exc) if exc is not None else None
+    c = state.classify(pool, exc) if exc is not None else None
     logger.warning(
         "pool %r: attempt %d of %d failed at %s (%s: %s); retrying in %.2fs",
         pool.name,
         rs.attempt_number,
         policy.attempts,
-        stage,
+        state.stage,
         c.category.name if c else "?",
         c.reason if c else exc,
         rs.upcoming_sleep,
@@ -495,12 +505,12 @@ def run(
     def should_retry(exc: BaseException) -> bool:
         if isinstance(exc, PoolError) and not isinstance(exc, AmbiguousCommitError):
             return False  # PoolTimeout, PoolClosed...: the pool already waited
-        c = pool.classify(exc, during_commit=state.stage == "commit")
+        c = state.classify(pool, exc)
         state.failed(c.category)
         return safe_to_retry(c.category, state.stage, idempotent=idempotent, request_id=request_id)
 
     started = time.monotonic()
-    retrying = make_retrying(policy, should_retry, lambda rs: _log_retry(pool, policy, state.stage, rs), state)
+    retrying = make_retrying(policy, should_retry, lambda rs: _log_retry(pool, policy, state, rs), state)
     for attempt in retrying:
         with attempt:
             number = attempt.retry_state.attempt_number
@@ -547,6 +557,9 @@ def run(
             except BaseException as exc:
                 if not isinstance(exc, AmbiguousCommitError):  # the ledger's, or commit()'s (noticed already)
                     conn._notice(exc, during_commit=state.stage == "commit")
+                if isinstance(exc, Exception) and not conn.closed:
+                    committing = state.stage == "commit"
+                    state.seen = (exc, pool.classify(exc, during_commit=committing, connection=conn.driver_connection))
                 if state.stage != "commit" and not conn.closed:
                     with contextlib.suppress(Exception):
                         conn._end(commit=False)

@@ -21,6 +21,7 @@ ping still runs after ``ping_after`` seconds idle.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import inspect
 import logging
@@ -252,7 +253,15 @@ def instrument(engine: Engine) -> Engine:
                 committing = bool(ctx.connection.info.pop(_COMMITTING, False))
             except Exception:
                 committing = False
-        c = classify(original, during_commit=committing)
+        raw = None  # the DBAPI connection, for what only it can tell (read-only by the caller's choice)
+        if ctx.connection is not None and not ctx.connection.invalidated:  # (an invalidated one would reconnect)
+            try:
+                raw = ctx.connection.connection.dbapi_connection
+            except Exception:
+                raw = None
+        c = classify(original, during_commit=committing, connection=raw)
+        with contextlib.suppress(Exception):  # for run()'s retry, which sees it when the connection is gone
+            original._poolkit_classified = c
         if c.category in (Category.BAD_CONNECTION, Category.NOT_LEADER, Category.AMBIGUOUS):
             ctx.is_disconnect = True
             # only NOT_LEADER retires every connection: the others point at the same old leader
@@ -440,10 +449,19 @@ def run(
     is_session = not isinstance(bind, Engine)
     state = _Attempt()
 
+    def classified(e: BaseException) -> Any:
+        """``e``'s classification: the error listener's, made with the
+        connection at hand (see ``instrument``), if it saw it."""
+        for x in (e, getattr(e, "orig", None), e.__cause__):
+            c = getattr(x, "_poolkit_classified", None)
+            if c is not None:
+                return c
+        return classify(e, during_commit=state.stage == "commit")
+
     def should_retry(e: BaseException) -> bool:
         if isinstance(e, (PoolError, exc.TimeoutError)) and not isinstance(e, AmbiguousCommitError):
             return False
-        c = classify(e, during_commit=state.stage == "commit")
+        c = classified(e)
         state.failed(c.category)
         return safe_to_retry(c.category, state.stage, idempotent=idempotent, request_id=request_id)
 
@@ -451,7 +469,7 @@ def run(
         if pk is not None:
             pk._count_retry()
         e = rs.outcome.exception() if rs.outcome is not None else None
-        c = classify(e) if e is not None else None
+        c = classified(e) if e is not None else None
         logger.warning(
             "engine: attempt %d of %d failed at %s (%s); retrying in %.2fs",
             rs.attempt_number,

@@ -331,6 +331,38 @@ def test_failover_moves_off_a_demoted_primary_that_still_answers(net_backend: An
     assert [tuple(r) for r in net_backend.execute(f"SELECT v FROM {table}")] == [("on the new primary",)]
 
 
+def test_a_write_on_a_connection_the_caller_made_read_only_is_its_own_mistake(pg: Any, table: str) -> None:
+    # psycopg's conn.read_only = True (a pool for a read-only endpoint, say):
+    # a write is refused with 25006 on any node. It was NOT_LEADER: every
+    # such mistake invalidated the whole pool, pool.run retried it to no
+    # avail, and a failover connect moved on from a node that was fine.
+    def read_only(raw: Any) -> None:
+        raw.read_only = True
+
+    calls = 0
+
+    def write(conn: Any) -> None:
+        nonlocal calls
+        calls += 1
+        conn.cursor().execute(f"INSERT INTO {table} (id, v) VALUES (1, 'x')")
+
+    connect = poolkit.failover(pg.connect, pg.connect)
+    with Pool(connect, max_size=2, configure=read_only, retry=FAST) as pool:
+        with pytest.raises(Exception) as info:
+            pool.run(write)
+        got = pool.classify(info.value, connection=None)
+        assert got.category is Category.NOT_LEADER  # without the connection, it cannot tell
+        assert calls == 1 and pool.stats().retries == 0
+        assert pool.stats().generation == 0 and connect.preferred == 0
+        with pool.connection() as conn:
+            with pytest.raises(Exception) as info:
+                conn.cursor().execute(f"INSERT INTO {table} (id, v) VALUES (2, 'x')")
+            got = pool.classify(info.value, connection=conn.driver_connection)
+            assert (got.category, got.reason) == (Category.PERMANENT, "read_only_by_caller")
+        assert pool.stats().generation == 0 and pool.stats().closed == 0
+    assert count(pg, table) == 0
+
+
 def test_mariadb_global_read_only_is_not_leader(maria: Any, table: str) -> None:
     """1290: the server runs with read_only, as a demoted primary does."""
     import functools

@@ -256,6 +256,33 @@ def test_a_connect_listener_that_leaves_a_transaction_open_is_refused(pg: Any, t
         eng.dispose()
 
 
+def test_a_write_on_a_read_only_engine_is_the_callers_mistake_not_a_failover(
+    pg: Any, table: str, tmp_path: Any
+) -> None:
+    # postgresql_readonly=True makes psycopg begin READ ONLY: a write is
+    # refused with 25006 on any node. It was NOT_LEADER: the plugin
+    # invalidated the whole pool for it, and run() retried it to no avail.
+    eng = create_engine(url_for(pg, tmp_path) + "?plugin=poolkit&poolkit_max_size=2")
+    read_only = eng.execution_options(postgresql_readonly=True)
+    calls = 0
+
+    def write(conn: Any) -> None:
+        nonlocal calls
+        calls += 1
+        conn.execute(text(f"INSERT INTO {table} (id, v) VALUES (1, 'x')"))
+
+    try:
+        with pytest.raises(exc.DBAPIError, match="read-only transaction"):
+            pksa.run(read_only, write, retry=poolkit.Retry(attempts=3, initial_backoff=0.01))
+        assert calls == 1
+        st = eng.pool.poolkit.stats()
+        assert (st.generation, st.closed, st.retries) == (0, 0, 0)
+        pksa.run(eng, write)  # the same pool writes, as before
+    finally:
+        eng.dispose()
+    assert pg.execute(f"SELECT count(*) FROM {table}")[0][0] == 1
+
+
 def test_retry_helper_survives_a_kill_between_attempts_and_never_applies_twice(pg: Any, tmp_path: Any) -> None:
     eng = create_engine(url_for(pg, tmp_path) + "?plugin=poolkit", pool_reset_on_return=None)
     Base.metadata.drop_all(eng)

@@ -168,6 +168,14 @@ class Driver:
         become a new session behind the pool's back."""
         return {}
 
+    def read_only_by_caller(self, conn: Any) -> bool:
+        """Whether the connection's transactions are read-only because the
+        caller made them so (psycopg's ``conn.read_only = True``): then a
+        write refused as read-only is the caller's mistake (PERMANENT), not
+        a node that stopped taking writes (NOT_LEADER, which invalidates the
+        pool and moves a failover to the next node)."""
+        return False
+
     def commits_first(self, conn: Any, name: str) -> bool:
         """Whether the method ``name`` of the connection (or of its cursors)
         commits the open transaction before it does anything else (PyMySQL's
@@ -388,6 +396,12 @@ class DelegatingDriver(Driver):
     def no_reconnect(self, conn: Any) -> dict[str, Any]:
         raw, d = self._inner(conn)
         return d.no_reconnect(raw)
+
+    def read_only_by_caller(self, conn: Any) -> bool:
+        if self.unwrap(conn) is None:
+            return False
+        raw, d = self._inner(conn)
+        return d.read_only_by_caller(raw)
 
     def commits_first(self, conn: Any, name: str) -> bool:
         raw, d = self._inner(conn)

@@ -145,6 +145,9 @@ class PsycopgDriver(Driver):
     def is_broken(self, conn: Any) -> bool:
         return bool(conn.closed or conn.broken)
 
+    def read_only_by_caller(self, conn: Any) -> bool:
+        return conn.read_only is True  # psycopg begins its transactions READ ONLY
+
     def classify_one(self, exc: BaseException) -> tuple[str, str] | None:
         if isinstance(exc, psycopg.Error):
             state = exc.sqlstate
