@@ -210,3 +210,24 @@ def test_the_drop_in_cost_runs_each_variant(net_backend: Any, capsys: pytest.Cap
         assert variant in out
     with pytest.raises(SystemExit):
         dropin.main(["--rounds", "0"])
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("request_ids", [False, True], ids=["no-ids", "request-ids"])
+def test_the_soak_keeps_every_write_promise_under_chaos(
+    net_backend: Any, request_ids: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A short run of python -m benchmarks.soak: connections reset, COMMIT
+    # replies cut, latency, while workers write. It exits 1 if a call that
+    # returned lost its row, one that raised committed it, a row was written
+    # twice, or (with ids) a call never returned.
+    from benchmarks import soak
+
+    args = ["--backend", net_backend.name, "--seconds", "3", "--workers", "4"]
+    assert soak.main(args + (["--request-ids"] if request_ids else [])) == 0
+    out = capsys.readouterr().out
+    assert "rows written twice: 0" in out and "calls that raised, with a row committed: 0" in out
+    calls = int(out.split(" calls (")[0].rsplit(" ", 1)[1])
+    assert calls > 100  # it did work, through the chaos
+    with pytest.raises(SystemExit):
+        soak.main(["--backend", "sqlite"])
