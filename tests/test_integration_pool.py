@@ -282,6 +282,29 @@ def test_autocommit_set_in_sql_does_not_reach_the_next_borrower(maria: Any, tabl
         assert pool.stats().closed == 0
 
 
+def test_run_and_transaction_are_atomic_on_the_servers_default_autocommit(maria: Any, table: str) -> None:
+    # pymysql.connect(autocommit=None) keeps the server's default, on. The
+    # pool sent BEGIN only when PyMySQL's mode was true, so none went: each
+    # statement of the work committed as it ran, and a run or a transaction
+    # block that failed half way kept its first half.
+    import pymysql
+    from backends import MYSQL_ARGS
+
+    connect = functools.partial(pymysql.connect, **{**MYSQL_ARGS, "autocommit": None})
+
+    def half(conn: Any) -> None:
+        conn.cursor().execute(f"INSERT INTO {table} (id, v) VALUES (1, 'first half')")
+        raise RuntimeError("changed my mind")
+
+    with Pool(connect, max_size=1) as pool:
+        with pytest.raises(RuntimeError):
+            pool.run(half)
+        with pytest.raises(RuntimeError), pool.transaction() as conn:
+            half(conn)
+        pool.run(lambda conn: conn.cursor().execute(f"INSERT INTO {table} (id, v) VALUES (2, 'whole')"))
+    assert maria.execute(f"SELECT id FROM {table}") == [(2,)]
+
+
 def test_a_ping_through_the_pool_never_reconnects(maria: Any, table: str) -> None:
     # PyMySQL's conn.ping(reconnect=True) (the default before PyMySQL 1.2, and
     # a common idiom) opened a new session behind the pool's back: work in

@@ -135,7 +135,11 @@ class PyMySQLDriver(Driver):
         # MySQL's SET TRANSACTION sets the level of the next transaction, and
         # is refused inside one: it goes first
         statements = [] if isolation_level is None else [f"SET TRANSACTION ISOLATION LEVEL {isolation_level}"]
-        if conn.autocommit_mode:
+        # The server's autocommit, as its last reply reported it, not
+        # PyMySQL's mode: opened with autocommit=None (the server's default,
+        # on), the mode is None, no BEGIN went, and each statement of the
+        # work committed as it ran
+        if conn.get_autocommit():
             statements.append("BEGIN")
         execute_each(conn, statements)
 
