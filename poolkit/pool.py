@@ -2114,6 +2114,8 @@ class PooledConnection:
             cur = raw.execute(*args, **kwargs)
         except Exception as exc:
             self._raise_observed(exc)
+        if self._rec.owner is not None:  # type: ignore[union-attr]
+            self._refuse_if_ended()
         return _wrap_cursor(cur, self)
 
     def commit(self) -> None:
@@ -2263,6 +2265,26 @@ class PooledConnection:
         if owner is not None and owner[0] is self:
             raise _owned(owner[1], what)
 
+    def _refuse_if_ended(self) -> None:
+        """After a statement of pool.run's work or a pool.transaction()
+        block: raise :class:`ManagedTransactionError` if the transaction the
+        pool began has ended (COMMIT or ROLLBACK sent as SQL, a statement
+        that commits implicitly), where the driver can tell (see
+        ``Driver.transaction_ended``). What came before it is committed (or
+        rolled back) already; raising stops the rest from running outside
+        the transaction, and a retry from running the committed part again."""
+        rec = self._rec
+        owner = rec.owner if rec is not None else None
+        if owner is None or owner[0] is not self:
+            return
+        driver: Driver = rec.pool._driver  # type: ignore[union-attr,assignment]
+        if driver.transaction_ended(rec.raw):  # type: ignore[union-attr]
+            raise ManagedTransactionError(
+                f"the transaction of {owner[1]} ended inside it (COMMIT or ROLLBACK sent as SQL, or a statement "
+                "that commits implicitly): what came before is committed or rolled back already, and the rest "
+                f"would have run outside it. Nothing more was sent; {owner[1]} commits or rolls back itself"
+            )
+
     def _refuse_commit_first(self, name: str) -> None:
         """Refuse ``name`` of the driver's connection (or of its cursors) if
         it would commit the transaction pool.run or pool.transaction owns
@@ -2391,12 +2413,15 @@ class PooledCursor:
         return conn
 
     def execute(self, *args: Any, **kwargs: Any) -> PooledCursor:
-        if self._conn._rec is None:  # self._cur(), inlined here and in fetchall
+        rec = self._conn._rec
+        if rec is None:  # self._cur(), inlined here and in fetchall
             raise ConnectionReturned(_CURSOR_RETURNED)
         try:
             self._cursor.execute(*args, **kwargs)
         except Exception as exc:
             self._conn._raise_observed(exc)
+        if rec.owner is not None:
+            self._conn._refuse_if_ended()
         return self
 
     def executemany(self, *args: Any, **kwargs: Any) -> PooledCursor:
@@ -2405,6 +2430,8 @@ class PooledCursor:
             cur.executemany(*args, **kwargs)
         except Exception as exc:
             self._conn._raise_observed(exc)
+        if self._conn._rec is not None and self._conn._rec.owner is not None:
+            self._conn._refuse_if_ended()
         return self
 
     def fetchone(self) -> Any:

@@ -196,6 +196,41 @@ def test_sqlite_executescript_cannot_end_the_transaction(sqlite_backend: Any, ta
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("sql", ["COMMIT", "ROLLBACK"])
+def test_a_transaction_ended_in_sql_inside_the_work_stops_it(backend: Any, table: str, sql: str) -> None:
+    # COMMIT sent as SQL in the middle of the work: the first half committed
+    # on its own, the second ran outside the transaction, and a retry after
+    # a conflict inserted the first half again (with a request id, the id
+    # committed with half the work). Where the driver can tell that the
+    # transaction ended (psycopg, sqlite3; MySQL begins its transactions at
+    # the first statement that needs one, so PyMySQL cannot), the statement
+    # that ended it raises, nothing more is sent, and nothing is retried.
+    if backend.name == "mariadb":
+        pytest.skip("PyMySQL cannot tell: MySQL begins a transaction at the first statement that needs one")
+    calls = 0
+
+    def fn(conn: Any) -> None:
+        nonlocal calls
+        calls += 1
+        cur = conn.cursor()
+        cur.execute(f"INSERT INTO {table} (id, v) VALUES (1, 'first half')")
+        cur.execute(sql)
+        cur.execute(f"INSERT INTO {table} (id, v) VALUES (2, 'second half')")
+
+    with Pool(backend.connect, max_size=1, retry=FAST) as pool:
+        with pytest.raises(ManagedTransactionError, match=r"transaction of pool\.run\(\) ended inside it"):
+            pool.run(fn, idempotent=False)
+        assert calls == 1
+        with pytest.raises(ManagedTransactionError, match=r"transaction of pool\.transaction\(\) ended"):
+            with pool.transaction() as conn:
+                conn.execute(sql)
+        with pool.connection() as conn:  # outside run, SQL may end what it likes
+            conn.cursor().execute("BEGIN")
+            conn.cursor().execute(sql)
+    assert count(backend, table) == (1 if sql == "COMMIT" else 0)  # the half before it, once; never the rest
+
+
+@pytest.mark.integration
 @pytest.mark.skipif(
     sys.version_info < (3, 12),
     reason="sqlite3's autocommit attribute is Python 3.12+: the py313 tox environment runs this",
