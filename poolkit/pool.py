@@ -231,6 +231,7 @@ class _Conn:
         "leak_logged",
         "orphans",
         "owner",
+        "owner_in_transaction",
         "pid",
         "poller",
         "pool",
@@ -302,6 +303,9 @@ class _Conn:
         # the proxy refuses to end it. The proxy, not a flag: if the work
         # returned the connection, a later checkout's proxy is not refused.
         self.owner: tuple[PooledConnection, str] | None = None
+        # whether the owner's transaction has been seen open on the server
+        # (see PooledConnection._refuse_if_ended)
+        self.owner_in_transaction = False
         self.checked_out_at = 0.0
         self.stack: list[traceback.FrameSummary] | None = None
         self.leak_logged = False
@@ -2267,18 +2271,24 @@ class PooledConnection:
 
     def _refuse_if_ended(self) -> None:
         """After a statement of pool.run's work or a pool.transaction()
-        block: raise :class:`ManagedTransactionError` if the transaction the
-        pool began has ended (COMMIT or ROLLBACK sent as SQL, a statement
-        that commits implicitly), where the driver can tell (see
-        ``Driver.transaction_ended``). What came before it is committed (or
-        rolled back) already; raising stops the rest from running outside
-        the transaction, and a retry from running the committed part again."""
+        block: raise :class:`ManagedTransactionError` if the transaction
+        has ended on the server since it was seen open (COMMIT or ROLLBACK
+        sent as SQL, a statement that commits implicitly). On psycopg and
+        sqlite3 it is open from the pool's BEGIN; on PyMySQL with autocommit
+        off, from the first statement that needs one (MySQL begins it then).
+        What came before it is committed (or rolled back) already; raising
+        stops the rest from running outside the transaction, and a retry
+        from running the committed part again."""
         rec = self._rec
         owner = rec.owner if rec is not None else None
         if owner is None or owner[0] is not self:
             return
         driver: Driver = rec.pool._driver  # type: ignore[union-attr,assignment]
-        if driver.transaction_ended(rec.raw):  # type: ignore[union-attr]
+        state = driver.transaction_state(rec.raw)  # type: ignore[union-attr]
+        if state == IN_TRANSACTION:
+            rec.owner_in_transaction = True  # type: ignore[union-attr]
+        elif rec.owner_in_transaction and state != BROKEN:  # type: ignore[union-attr]
+            # (BROKEN: PyMySQL's unbuffered result still being read, say)
             raise ManagedTransactionError(
                 f"the transaction of {owner[1]} ended inside it (COMMIT or ROLLBACK sent as SQL, or a statement "
                 "that commits implicitly): what came before is committed or rolled back already, and the rest "
@@ -2305,6 +2315,8 @@ class PooledConnection:
         if rec is None:
             raise ConnectionReturned(_RETURNED)
         rec.owner = (self, where)
+        driver: Driver = rec.pool._driver  # type: ignore[union-attr,assignment]
+        rec.owner_in_transaction = driver.transaction_state(rec.raw) == IN_TRANSACTION
         return rec, _Held(self._pool)
 
     def _disown(self, owned: tuple[_Conn, _Held]) -> None:

@@ -201,21 +201,18 @@ def test_a_transaction_ended_in_sql_inside_the_work_stops_it(backend: Any, table
     # COMMIT sent as SQL in the middle of the work: the first half committed
     # on its own, the second ran outside the transaction, and a retry after
     # a conflict inserted the first half again (with a request id, the id
-    # committed with half the work). Where the driver can tell that the
-    # transaction ended (psycopg, sqlite3; MySQL begins its transactions at
-    # the first statement that needs one, so PyMySQL cannot), the statement
-    # that ended it raises, nothing more is sent, and nothing is retried.
-    if backend.name == "mariadb":
-        pytest.skip("PyMySQL cannot tell: MySQL begins a transaction at the first statement that needs one")
+    # committed with half the work). The statement that ended the transaction
+    # raises now, nothing more is sent, and nothing is retried. (On MySQL the
+    # transaction is seen open from the first statement that needs one.)
     calls = 0
 
-    def fn(conn: Any) -> None:
+    def fn(conn: Any, first: int = 1) -> None:
         nonlocal calls
         calls += 1
         cur = conn.cursor()
-        cur.execute(f"INSERT INTO {table} (id, v) VALUES (1, 'first half')")
+        cur.execute(f"INSERT INTO {table} (id, v) VALUES ({first}, 'first half')")
         cur.execute(sql)
-        cur.execute(f"INSERT INTO {table} (id, v) VALUES (2, 'second half')")
+        cur.execute(f"INSERT INTO {table} (id, v) VALUES ({first + 1}, 'second half')")
 
     with Pool(backend.connect, max_size=1, retry=FAST) as pool:
         with pytest.raises(ManagedTransactionError, match=r"transaction of pool\.run\(\) ended inside it"):
@@ -223,11 +220,13 @@ def test_a_transaction_ended_in_sql_inside_the_work_stops_it(backend: Any, table
         assert calls == 1
         with pytest.raises(ManagedTransactionError, match=r"transaction of pool\.transaction\(\) ended"):
             with pool.transaction() as conn:
-                conn.execute(sql)
+                fn(conn, first=3)
         with pool.connection() as conn:  # outside run, SQL may end what it likes
-            conn.cursor().execute("BEGIN")
+            conn.cursor().execute(f"INSERT INTO {table} (id, v) VALUES (5, 'plain')")
             conn.cursor().execute(sql)
-    assert count(backend, table) == (1 if sql == "COMMIT" else 0)  # the half before it, once; never the rest
+        pool.run(lambda conn: conn.cursor().execute(f"INSERT INTO {table} (id, v) VALUES (6, 'run')"))
+    ids = [row[0] for row in backend.execute(f"SELECT id FROM {table} ORDER BY id")]
+    assert ids == ([1, 3, 5, 6] if sql == "COMMIT" else [6])  # each first half once; never a second half
 
 
 @pytest.mark.integration

@@ -168,15 +168,6 @@ class Driver:
         become a new session behind the pool's back."""
         return {}
 
-    def transaction_ended(self, conn: Any) -> bool:
-        """Whether the transaction ``pool.run`` or ``pool.transaction``
-        began on the connection has ended since (COMMIT or ROLLBACK sent as
-        SQL, a statement that commits implicitly): asked after each
-        statement of the work. False where the driver cannot tell; PyMySQL
-        cannot, since MySQL begins a transaction only at the first statement
-        that touches a transactional table."""
-        return False
-
     def read_only_by_caller(self, conn: Any) -> bool:
         """Whether the connection's transactions are read-only because the
         caller made them so (psycopg's ``conn.read_only = True``): then a
@@ -405,12 +396,6 @@ class DelegatingDriver(Driver):
     def no_reconnect(self, conn: Any) -> dict[str, Any]:
         raw, d = self._inner(conn)
         return d.no_reconnect(raw)
-
-    def transaction_ended(self, conn: Any) -> bool:
-        if self.unwrap(conn) is None:
-            return False
-        raw, d = self._inner(conn)
-        return d.transaction_ended(raw)
 
     def read_only_by_caller(self, conn: Any) -> bool:
         if self.unwrap(conn) is None:

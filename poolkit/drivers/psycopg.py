@@ -145,9 +145,6 @@ class PsycopgDriver(Driver):
     def is_broken(self, conn: Any) -> bool:
         return bool(conn.closed or conn.broken)
 
-    def transaction_ended(self, conn: Any) -> bool:
-        return bool(conn.pgconn.transaction_status == pq.TransactionStatus.IDLE)
-
     def read_only_by_caller(self, conn: Any) -> bool:
         return conn.read_only is True  # psycopg begins its transactions READ ONLY
 

@@ -65,9 +65,6 @@ class SQLite3Driver(Driver):
     def commit(self, conn: Any) -> None:
         _end(conn, "COMMIT")
 
-    def transaction_ended(self, conn: Any) -> bool:
-        return not conn.in_transaction
-
     def commits_first(self, conn: Any, name: str) -> bool:
         # executescript() commits a pending transaction first, unless the
         # connection is in one of Python 3.12's autocommit modes
