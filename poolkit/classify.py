@@ -13,6 +13,7 @@ never retried.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,6 +94,25 @@ def _chain(exc: BaseException) -> list[BaseException]:
         if e.__cause__ is not None:
             stack.append(e.__cause__)
     return out
+
+
+def remember(exc: BaseException, c: Classification) -> None:
+    """Keep ``c``, made with the connection ``exc`` came from at hand, on
+    ``exc`` for :func:`remembered`: a retry decides after the connection is
+    gone, and some things only the connection can tell (read-only by the
+    caller's choice, broken)."""
+    with contextlib.suppress(Exception):  # an exception that takes no attribute
+        exc._poolkit_classified = c  # type: ignore[attr-defined]
+
+
+def remembered(exc: BaseException) -> Classification | None:
+    """What :func:`remember` kept for ``exc``, its cause, or the DBAPI error
+    inside it (SQLAlchemy's ``orig``), if anything."""
+    for x in (exc, getattr(exc, "orig", None), exc.__cause__):
+        c = getattr(x, "_poolkit_classified", None)
+        if isinstance(c, Classification):
+            return c
+    return None
 
 
 def _classify_one(exc: BaseException) -> tuple[str, str] | None:

@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from poolkit.classify import Category, Classification, Classifier, classify
+from poolkit.classify import Category, Classification, Classifier, classify, remember
 from poolkit.drivers import BROKEN, IN_TRANSACTION, Driver, driver_for_connection, liveness_probe
 from poolkit.errors import (
     AmbiguousCommitError,
@@ -1660,6 +1660,7 @@ class Pool:
         """The driver raised ``exc`` on a checked-out connection: act on its
         category. Returns the exception to raise instead, or None."""
         c = self.classify(exc, during_commit=during_commit, connection=rec.raw)
+        remember(exc, c)  # for pool.run's retry, which decides once the connection is back
         if not c.discards_connection:
             return None
         rec.bad = "bad"
@@ -2118,8 +2119,7 @@ class PooledConnection:
             cur = raw.execute(*args, **kwargs)
         except Exception as exc:
             self._raise_observed(exc)
-        if self._rec.owner is not None:  # type: ignore[union-attr]
-            self._refuse_if_ended()
+        self._refuse_if_ended()
         return _wrap_cursor(cur, self)
 
     def commit(self) -> None:
@@ -2442,8 +2442,7 @@ class PooledCursor:
             cur.executemany(*args, **kwargs)
         except Exception as exc:
             self._conn._raise_observed(exc)
-        if self._conn._rec is not None and self._conn._rec.owner is not None:
-            self._conn._refuse_if_ended()
+        self._conn._refuse_if_ended()
         return self
 
     def fetchone(self) -> Any:

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import tenacity
 
-from poolkit.classify import Category, Classification, classify
+from poolkit.classify import Category, Classification, classify, remembered
 from poolkit.drivers import IN_TRANSACTION
 from poolkit.errors import AmbiguousCommitError, ManagedTransactionError, PoolError
 
@@ -218,22 +218,23 @@ class _Attempt:
     """What one call's attempts got to: the stage the current one is at, and
     what the failures so far say about the next wait."""
 
-    __slots__ = ("at_once", "bad_connections", "seen", "stage")
+    __slots__ = ("at_once", "bad_connections", "stage")
 
     def __init__(self) -> None:
         self.stage = "checkout"  # checkout -> begin -> work -> commit
         self.bad_connections = 0
         self.at_once = False  # the next attempt starts without a wait
-        # the last failure, classified while its connection was still at hand
-        # (what only the connection can tell: see classify's ``connection``)
-        self.seen: tuple[BaseException, Classification] | None = None
 
-    def classify(self, pool: Pool, exc: BaseException) -> Classification:
-        """``exc``'s classification: the one made with its connection, if any."""
-        seen = self.seen
-        if seen is not None and seen[0] is exc:
-            return seen[1]
-        return pool.classify(exc, during_commit=self.stage == "commit")
+    def classify(self, pool: Pool | None, exc: BaseException) -> Classification:
+        """``exc``'s classification: the one made while its connection was
+        at hand (see :func:`poolkit.classify.remember`), if any."""
+        found = remembered(exc)
+        if found is not None:
+            return found
+        committing = self.stage == "commit"
+        if pool is None:  # poolkit.sqlalchemy.run on an engine of any pool
+            return classify(exc, during_commit=committing)
+        return pool.classify(exc, during_commit=committing)
 
     def failed(self, category: Category) -> None:
         """An attempt failed with ``category`` at the current stage.
@@ -557,9 +558,6 @@ def run(
             except BaseException as exc:
                 if not isinstance(exc, AmbiguousCommitError):  # the ledger's, or commit()'s (noticed already)
                     conn._notice(exc, during_commit=state.stage == "commit")
-                if isinstance(exc, Exception) and not conn.closed:
-                    committing = state.stage == "commit"
-                    state.seen = (exc, pool.classify(exc, during_commit=committing, connection=conn.driver_connection))
                 if state.stage != "commit" and not conn.closed:
                     with contextlib.suppress(Exception):
                         conn._end(commit=False)

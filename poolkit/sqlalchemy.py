@@ -21,7 +21,6 @@ ping still runs after ``ping_after`` seconds idle.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import inspect
 import logging
@@ -37,7 +36,7 @@ from sqlalchemy.engine.url import URL
 from sqlalchemy.pool import Pool as SAPool
 from sqlalchemy.pool.base import _ConnectionRecord
 
-from poolkit.classify import Category, classify
+from poolkit.classify import Category, classify, remember
 from poolkit.drivers import DelegatingDriver, driver_for_connection
 from poolkit.errors import AmbiguousCommitError, ManagedTransactionError, PoolError, PoolTimeout
 from poolkit.pool import _OWNED_WHY, Pool, PooledConnection, _Held
@@ -260,8 +259,7 @@ def instrument(engine: Engine) -> Engine:
             except Exception:
                 raw = None
         c = classify(original, during_commit=committing, connection=raw)
-        with contextlib.suppress(Exception):  # for run()'s retry, which sees it when the connection is gone
-            original._poolkit_classified = c
+        remember(original, c)  # for run()'s retry, which decides once the connection is gone
         if c.category in (Category.BAD_CONNECTION, Category.NOT_LEADER, Category.AMBIGUOUS):
             ctx.is_disconnect = True
             # only NOT_LEADER retires every connection: the others point at the same old leader
@@ -449,19 +447,10 @@ def run(
     is_session = not isinstance(bind, Engine)
     state = _Attempt()
 
-    def classified(e: BaseException) -> Any:
-        """``e``'s classification: the error listener's, made with the
-        connection at hand (see ``instrument``), if it saw it."""
-        for x in (e, getattr(e, "orig", None), e.__cause__):
-            c = getattr(x, "_poolkit_classified", None)
-            if c is not None:
-                return c
-        return classify(e, during_commit=state.stage == "commit")
-
     def should_retry(e: BaseException) -> bool:
         if isinstance(e, (PoolError, exc.TimeoutError)) and not isinstance(e, AmbiguousCommitError):
             return False
-        c = classified(e)
+        c = state.classify(None, e)
         state.failed(c.category)
         return safe_to_retry(c.category, state.stage, idempotent=idempotent, request_id=request_id)
 
@@ -469,7 +458,7 @@ def run(
         if pk is not None:
             pk._count_retry()
         e = rs.outcome.exception() if rs.outcome is not None else None
-        c = classified(e) if e is not None else None
+        c = state.classify(None, e) if e is not None else None
         logger.warning(
             "engine: attempt %d of %d failed at %s (%s); retrying in %.2fs",
             rs.attempt_number,
