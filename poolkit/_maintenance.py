@@ -32,22 +32,25 @@ def start_maintenance(pool: Pool) -> threading.Thread:
     stop = pool._stop
     wake = pool._wake
     interval = pool._maintenance_interval
+    tick = pool._tick
     name = f"poolkit-maintenance-{pool.name}"
 
     def loop() -> None:
-        # A round every interval; in between, a wake at the deadline of the
-        # earliest guarded wait (see Pool._guarded_wait), so that a cut comes
-        # on time, not at the next round. The thread sleeps on the pool's
-        # _wake until _wake_at: a wait guarded meanwhile and due before that
-        # wakes it (while it works out when to wake, _wake_at is inf, so any
-        # wait guarded then does), and it sleeps again until the earliest.
+        # A round every interval, and a read of the pool's clock for its hot
+        # path every tick (see Pool._tick_clock); in between, a wake at the
+        # deadline of the earliest guarded wait (see Pool._guarded_wait), so
+        # that a cut comes on time, not at the next round. The thread sleeps
+        # on the pool's _wake until _wake_at: a wait guarded meanwhile and due
+        # before that wakes it (while it works out when to wake, _wake_at is
+        # inf, so any wait guarded then does), and it sleeps again until the
+        # earliest.
         next_round = time.monotonic() + interval
         due: float | None = None  # on the pool's clock
         while True:
             p = ref()
             if p is None:
                 break
-            wait = next_round - time.monotonic()
+            wait = min(next_round - time.monotonic(), tick)
             if due is not None:
                 wait = min(wait, due - p._clock())
             wait = max(0.0, wait)
@@ -62,9 +65,11 @@ def start_maintenance(pool: Pool) -> threading.Thread:
                 break
             p._wake_at = math.inf
             try:
+                p._tick_clock()
                 if time.monotonic() >= next_round:
                     next_round = time.monotonic() + interval
                     due = p._maintain()
+                    p._tick_clock()  # the round may have waited for a server
                 else:
                     due = p._cut_overdue(p._clock())
             except Exception:

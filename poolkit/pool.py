@@ -68,6 +68,10 @@ _TURN = 0.004
 # again after a wait that doubles up to this (with jitter): a server that is
 # down gets one attempt now and then from each pool, not min_size a second.
 _FILL_BACKOFF_MAX = 30.0
+# The shortest tick of a pool's clock for the hot path (see Pool._tick_clock):
+# a ping_after shorter than four ticks sends more connections to the checks
+# than it needs to, rather than waking the maintenance thread more often.
+_MIN_TICK = 0.05
 _pool_ids = itertools.count(1)
 _NUMBER = (int, float)  # the types a timeout may have: checked by type, bool refused
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep  # left out of leak stacks
@@ -218,6 +222,7 @@ class _Conn:
         "adopted",
         "bad",
         "check_at",
+        "check_by",
         "checked_out_at",
         "created_at",
         "cut",
@@ -255,6 +260,7 @@ class _Conn:
         now: float,
         expires_at: float,
         orphans: deque[_Conn] | None = None,
+        check_by: float | None = None,
     ) -> None:
         self.raw = raw
         # the pool, while a proxy holds this record (set by _lease, cleared
@@ -287,9 +293,12 @@ class _Conn:
         self.last_used = now
         # until then it may be handed out with no check but the liveness
         # probe: min(expiry, last_used + max_idle_time, last_used + ping_after
-        # when a ping hook is set), or -inf when every checkout runs a hook
-        # (reset_session, leak tracking); set by Pool._touch
+        # when a ping hook is set), one tick early (see Pool._tick_clock), or
+        # -inf when every checkout runs a hook (reset_session, leak
+        # tracking); set by Pool._touch and the plain return
         self.check_at = expires_at
+        # the expiry, one tick early: no later may it pass unchecked
+        self.check_by = expires_at if check_by is None else check_by
         self.used = False  # handed out and returned at least once
         self.adopted = False  # opened for nobody, and on its way to the idle stack (see Pool._adopt)
         self.bad = ""  # set to a reason when an error showed the connection unusable
@@ -329,7 +338,9 @@ class _Conn:
             orphans = None if self.orphans is None else self.orphans()
             if orphans is None:  # the pool is gone (and its idle records with it)
                 return
-            twin = _Conn(self.raw, self.id, self.generation, self.epoch, self.created_at, self.expires_at)
+            twin = _Conn(
+                self.raw, self.id, self.generation, self.epoch, self.created_at, self.expires_at, check_by=self.check_by
+            )
             twin.orphans = self.orphans
             twin.poller = self.poller
             twin.fd = self.fd
@@ -477,6 +488,8 @@ class Pool:
         "_max_size",
         "_max_waiting",
         "_min_size",
+        "_next_check",
+        "_now",
         "_open",
         "_opening",
         "_orphans",
@@ -495,6 +508,7 @@ class Pool:
         "_returned",
         "_returned_at",
         "_stop",
+        "_tick",
         "_timeout",
         "_timeouts",
         "_wait_count",
@@ -605,9 +619,19 @@ class Pool:
         else:
             self._recheck_after = min(self._max_idle_time, self._ping_after) if ping else self._max_idle_time
         self._maintenance_interval = float(maintenance_interval)
+        # The hot path reads no clock (the two reads were a sixth of a
+        # checkout and checkin): it compares the clock as the maintenance
+        # thread last read it, at most a tick ago (_now), against deadlines set
+        # a tick early, so that a connection due for a look never passes for
+        # fresh. The checks themselves read the clock (see _tick_clock).
+        r = self._recheck_after
+        self._tick = self._maintenance_interval
+        if 0 < r < _INF:
+            self._tick = min(self._tick, max(_MIN_TICK, r / 4))
         self._handoff_after = float(handoff_after)
         self._handoff_streak = handoff_streak
         self._clock = clock
+        self._tick_clock()
         self._random = random.Random()
         self._ids = itertools.count(1)
         self.retry = self._resolve_retry(retry)
@@ -718,9 +742,30 @@ class Pool:
         self._connects_abandoned = 0
         self._cuts = 0
 
+    def _tick_clock(self) -> float:
+        """Read the pool's clock for the hot path; returns it.
+
+        The maintenance thread calls this every tick (``maintenance_interval``,
+        or a quarter of ``ping_after`` or ``max_idle_time`` if shorter, but not
+        under 0.05 s), so ``_now`` lags the clock by a tick at most. The plain
+        return notes ``_now`` as the connection's last use and sets its
+        ``check_at`` from ``_next_check``, a tick early; the hot checkout hands
+        a connection out unchecked only while ``_now`` is short of it. So a
+        connection idle for ``ping_after`` (or past its lifetime) always goes
+        to the checks, which read the clock and decide as exactly as before;
+        one within a tick of it may go there too, and its idle time, measured
+        from up to a tick before its return, may come out that much longer: a
+        ping a little early, never one skipped. (If the thread falls behind,
+        the checks come late by as much: see README.)"""
+        now = self._clock()
+        self._now = now
+        self._next_check = now + self._recheck_after - self._tick
+        return now
+
     def _start_maintenance(self) -> None:
         from poolkit._maintenance import start_maintenance
 
+        self._tick_clock()
         self._maintainer = start_maintenance(self)
 
     # --------------------------------------------------------------- checkout
@@ -755,13 +800,9 @@ class Pool:
         finally:
             lock.release()
         if rec is not None:
-            # the hot path: a fresh connection whose socket is quiet
-            # Called through a local: on 3.11 a method call on a slot that holds
-            # a callable is never specialised (a generic lookup every time; 100
-            # instructions), a slot read is. (3.13 specialises both, and pays
-            # about 60 for the local: 3.11 is the default here.)
-            clock = self._clock
-            if clock() < rec.check_at:
+            # the hot path: a fresh connection whose socket is quiet (fresh by
+            # the clock of the last tick: see _tick_clock)
+            if self._now < rec.check_at:
                 poller = rec.poller
                 if poller is None or not poller.poll(0, 1):  # a non-empty list if suspect
                     proxy = PooledConnection()  # _lease(self, rec), inlined
@@ -827,8 +868,8 @@ class Pool:
     def _touch(self, rec: _Conn, now: float) -> None:
         """``rec`` was used at ``now``: when does it need a look before reuse?"""
         rec.last_used = now
-        limit = now + self._recheck_after
-        rec.check_at = limit if limit < rec.expires_at else rec.expires_at
+        limit = now + self._recheck_after - self._tick  # a tick early: see _tick_clock
+        rec.check_at = limit if limit < rec.check_by else rec.check_by
 
     def _acquire_slow(self, deadline: float, fresh_only: bool = False) -> tuple[_Conn | None, bool]:
         """No idle connection was free: open one, or wait in line. Returns a
@@ -1079,7 +1120,8 @@ class Pool:
             raw = self._connect_until(deadline, quiet)  # closes what it opened if it fails
             now = self._clock()
             lifetime = self._max_lifetime * (1.0 - self._lifetime_jitter * self._random.random())
-            rec = _Conn(raw, next(self._ids), generation, epoch, now, now + lifetime, self._orphans)
+            expires = now + lifetime
+            rec = _Conn(raw, next(self._ids), generation, epoch, now, expires, self._orphans, expires - self._tick)
             rec.ticket = rec.era = era
             self._touch(rec, now)
             if self._liveness:
@@ -1796,7 +1838,7 @@ class Pool:
         time or lifetime, cut overdue waits, reclaim dropped proxies, log
         leaks, keep min_size. Returns the earliest deadline of a guarded
         wait still to come (see :meth:`_cut_overdue`)."""
-        now = self._clock()
+        now = self._tick_clock()
         closing: list[tuple[_Conn, str]] = []
         with self._lock:
             if self._closed:
@@ -2216,11 +2258,10 @@ class PooledConnection:
             if state:  # not IDLE: roll back, or let it go
                 pool._checkin(rec, state)
                 return
-            clock = pool._clock  # _touch(), inlined; a local, as in acquire()
-            now = clock()
-            rec.last_used = now
-            limit = now + pool._recheck_after
-            rec.check_at = limit if limit < rec.expires_at else rec.expires_at
+            # _touch(), inlined, on the clock of the last tick (see Pool._tick_clock)
+            rec.last_used = pool._now
+            limit = pool._next_check
+            rec.check_at = limit if limit < rec.check_by else rec.check_by
             rec.used = True
             lock = pool._lock
             lock.acquire()  # by hand, as in acquire(): this is the hot path

@@ -19,6 +19,7 @@ import fakedb
 from pooltest import Interrupted
 
 from poolkit import Pool
+from poolkit.pool import _ALL_POOLS
 from poolkit.testing import ChaosProxy
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -43,8 +44,15 @@ class Clock:
         return self.now
 
     def advance(self, seconds: float) -> None:
+        """Move the clock on, and with it the hot path's reading of it in each
+        pool it drives, as the pool's maintenance thread would have read it
+        as the time went by (see Pool._tick_clock; tests of the ticks
+        themselves move ``now`` by hand)."""
         with self.lock:
             self.now += seconds
+        for pool in list(_ALL_POOLS):
+            if pool._clock is self:
+                pool._tick_clock()
 
 
 @pytest.fixture

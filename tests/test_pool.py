@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import random
 import select
 import sqlite3
 import threading
@@ -577,6 +578,102 @@ def test_ping_runs_only_after_ping_after_seconds_idle(make_pool: Any, clock: Any
         pass
     assert raw.pings == 1
     assert pool.stats().pings == 1
+
+
+def test_the_hot_path_reads_no_clock(make_pool: Any, clock: Any) -> None:
+    # A checkout and a checkin of a connection that needs no look compare the
+    # clock as the maintenance thread last read it (Pool._tick_clock): they
+    # call none of their own.
+    me = threading.get_ident()
+    reads = 0
+
+    def counting() -> float:
+        nonlocal reads
+        if threading.get_ident() == me:  # not the maintenance thread's
+            reads += 1
+        return clock()
+
+    pool = make_pool(clock=counting)
+    with pool.connection():
+        pass
+    before = reads
+    for _ in range(100):
+        with pool.connection():
+            pass
+    assert reads == before
+    assert pool.stats().acquired == 101 and type(pool.stats().acquired) is int
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_connection_due_for_a_look_is_never_handed_out_unchecked(make_pool: Any, clock: Any, seed: int) -> None:
+    # The hot path compares the clock as the maintenance thread last read it,
+    # up to a tick ago. Ticks come at random, never more than a tick apart;
+    # checkouts come at random between them. Whatever the lag, a connection
+    # idle for ping_after is pinged, and one past its lifetime is not handed
+    # out; and a connection idle for less than ping_after less a tick is not
+    # pinged, nor one short of its lifetime replaced.
+    rnd = random.Random(seed)
+    pool = make_pool(max_size=1, ping_after=10, max_lifetime=100, lifetime_jitter=0, max_idle_time=None)
+    tick = pool._tick
+    assert tick == 2.5  # ping_after / 4
+    events: list[tuple[float, str]] = []
+    start = t = clock.now
+    while t < start + 1500:
+        t += rnd.choice((rnd.uniform(0, 3), rnd.uniform(5, 15)))
+        events.append((t, "checkout"))
+    end, t = t, start
+    while t < end:
+        t += rnd.uniform(0.05, 1.0) * tick
+        events.append((t, "tick"))
+    events.sort()
+    with pool.connection() as conn:
+        raw, expires = conn.driver_connection, conn._rec.expires_at
+    returned = clock.now
+    seen = {"ping": 0, "fresh": 0, "expired": 0}
+    for t, what in events:
+        clock.now = t  # by hand: Clock.advance would tick the pool too
+        if what == "tick":
+            pool._tick_clock()
+            continue
+        pings = raw.pings
+        with pool.connection() as conn:
+            idle = t - returned
+            if t >= expires:
+                assert conn.driver_connection is not raw, (seed, t, expires)
+                seen["expired"] += 1
+                raw, expires = conn.driver_connection, conn._rec.expires_at
+            else:
+                assert conn.driver_connection is raw, (seed, t, expires)
+                if idle >= 10:
+                    assert raw.pings == pings + 1, (seed, idle)
+                    seen["ping"] += 1
+                elif idle < 10 - tick:
+                    assert raw.pings == pings, (seed, idle)
+                    seen["fresh"] += 1
+        returned = t
+    assert min(seen.values()) >= 5, seen  # each case came up
+
+
+def test_the_maintenance_thread_ticks_the_hot_paths_clock(server: fakedb.Server) -> None:
+    # On the real clock, with the pool's own thread: a tick of 0.1 s (a
+    # quarter of ping_after), and no round (which reads the clock too) within
+    # the test. A connection idle past ping_after is pinged; one just
+    # returned is not.
+    pool = Pool(server.connect, ping_after=0.4, maintenance_interval=30)
+    try:
+        assert pool._tick == pytest.approx(0.1)
+        with pool.connection() as conn:
+            raw = conn.driver_connection
+        time.sleep(0.05)
+        with pool.connection():
+            pass
+        assert raw.pings == 0
+        time.sleep(1.0)
+        with pool.connection() as conn:
+            assert conn.driver_connection is raw
+        assert raw.pings == 1
+    finally:
+        pool.close()
 
 
 def test_a_connection_opened_for_the_caller_is_handed_out_unpinged(make_pool: Any) -> None:
