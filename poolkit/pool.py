@@ -299,7 +299,10 @@ class _Conn:
         self.check_at = expires_at
         # the expiry, one tick early: no later may it pass unchecked
         self.check_by = expires_at if check_by is None else check_by
-        self.used = False  # handed out and returned at least once
+        # handed out before, and so due for reset_session at its next checkout
+        # (set by _lease: the hot checkout does not hand out connections of a
+        # pool that resets them at checkout, which are all due for a look)
+        self.used = False
         self.adopted = False  # opened for nobody, and on its way to the idle stack (see Pool._adopt)
         self.bad = ""  # set to a reason when an error showed the connection unusable
         self.poller: Any = None
@@ -1514,7 +1517,6 @@ class Pool:
                 logger.warning("pool %r: is_valid raised on connection %d: %r", self.name, rec.id, exc)
                 return "invalid"
         self._touch(rec, self._clock())
-        rec.used = True
         return None
 
     def _restore_settings(self, rec: _Conn) -> str | None:
@@ -2262,7 +2264,6 @@ class PooledConnection:
             rec.last_used = pool._now
             limit = pool._next_check
             rec.check_at = limit if limit < rec.check_by else rec.check_by
-            rec.used = True
             lock = pool._lock
             lock.acquire()  # by hand, as in acquire(): this is the hot path
             try:
@@ -2440,6 +2441,7 @@ SETTINGS = frozenset(name for name, value in vars(PooledConnection).items() if i
 
 def _lease(pool: Pool, rec: _Conn) -> PooledConnection:
     """The proxy that hands ``rec`` out (inlined on the hot path of ``Pool.acquire``)."""
+    rec.used = True
     proxy = PooledConnection()
     proxy._pool = rec.pool = pool
     proxy._rec = rec
