@@ -150,7 +150,13 @@ class Driver:
         that connect lazily); raise if it did not."""
 
     def transaction_state(self, conn: Any) -> int:
-        """One of IDLE, IN_TRANSACTION, UNKNOWN, BROKEN."""
+        """One of IDLE, IN_TRANSACTION, UNKNOWN, BROKEN.
+
+        Called on every return (and after each statement of ``pool.run``'s
+        work), for every connection, even one about to be closed: read the
+        state the driver keeps (psycopg's ``pgconn.transaction_status``,
+        PyMySQL's ``server_status``), never ask the server. The default,
+        UNKNOWN, has each returned connection rolled back."""
         return UNKNOWN
 
     def rollback(self, conn: Any) -> None:
