@@ -221,7 +221,6 @@ class _Conn:
         "__weakref__",
         "adopted",
         "bad",
-        "check_at",
         "check_by",
         "checked_out_at",
         "created_at",
@@ -290,14 +289,10 @@ class _Conn:
         self.saved: dict[str, Any] | None = None
         self.created_at = now
         self.expires_at = expires_at
+        # when it was returned (by the clock of the last tick on the plain
+        # return: see Pool._tick_clock), or opened or checked
         self.last_used = now
-        # until then it may be handed out with no check but the liveness
-        # probe: min(expiry, last_used + max_idle_time, last_used + ping_after
-        # when a ping hook is set), one tick early (see Pool._tick_clock), or
-        # -inf when every checkout runs a hook (reset_session, leak
-        # tracking); set by Pool._touch and the plain return
-        self.check_at = expires_at
-        # the expiry, one tick early: no later may it pass unchecked
+        # the expiry, one tick early: from then on it goes to the checks
         self.check_by = expires_at if check_by is None else check_by
         # handed out before, and so due for reset_session at its next checkout
         # (set by _lease: the hot checkout does not hand out connections of a
@@ -468,6 +463,7 @@ class Pool:
         "_era",
         "_fill_after",
         "_fill_failures",
+        "_fresh_after",
         "_generation",
         "_guarded",
         "_handoff_after",
@@ -491,7 +487,6 @@ class Pool:
         "_max_size",
         "_max_waiting",
         "_min_size",
-        "_next_check",
         "_now",
         "_open",
         "_opening",
@@ -616,11 +611,12 @@ class Pool:
         self._driver: Driver | None = driver
         self._driver_checked = False
         # How long after its last use a connection needs a look before reuse
-        # (see _Conn.check_at): never, when every checkout runs a hook.
-        if (reset_session and not self._reset_on_return) or leak_timeout is not None:
+        # (see _tick_clock): -inf, always, when every checkout runs a hook
+        # (reset_session, leak tracking) or pings (ping_after=0), whatever
+        # the tick.
+        self._recheck_after = min(self._max_idle_time, self._ping_after) if ping else self._max_idle_time
+        if (reset_session and not self._reset_on_return) or leak_timeout is not None or self._recheck_after <= 0:
             self._recheck_after = -_INF
-        else:
-            self._recheck_after = min(self._max_idle_time, self._ping_after) if ping else self._max_idle_time
         self._maintenance_interval = float(maintenance_interval)
         # The hot path reads no clock (the two reads were a sixth of a
         # checkout and checkin): it compares the clock as the maintenance
@@ -751,18 +747,20 @@ class Pool:
         The maintenance thread calls this every tick (``maintenance_interval``,
         or a quarter of ``ping_after`` or ``max_idle_time`` if shorter, but not
         under 0.05 s), so ``_now`` lags the clock by a tick at most. The plain
-        return notes ``_now`` as the connection's last use and sets its
-        ``check_at`` from ``_next_check``, a tick early; the hot checkout hands
-        a connection out unchecked only while ``_now`` is short of it. So a
-        connection idle for ``ping_after`` (or past its lifetime) always goes
-        to the checks, which read the clock and decide as exactly as before;
-        one within a tick of it may go there too, and its idle time, measured
-        from up to a tick before its return, may come out that much longer: a
-        ping a little early, never one skipped. (If the thread falls behind,
-        the checks come late by as much: see README.)"""
+        return notes ``_now`` as the connection's last use; the hot checkout
+        hands a connection out unchecked only if it was last used after
+        ``_fresh_after`` (``_now`` less the time a connection may stay idle
+        unchecked, plus a tick) and ``_now`` is short of its ``check_by`` (its
+        expiry less a tick). So a connection idle for ``ping_after`` (or past
+        its lifetime) always goes to the checks, which read the clock and
+        decide as exactly as before; one within a tick of it may go there too,
+        and its idle time, counted from up to a tick before its return, may
+        come out that much longer: a ping a little early, never one skipped.
+        (If the thread falls behind, the checks come late by as much: see
+        README.)"""
         now = self._clock()
         self._now = now
-        self._next_check = now + self._recheck_after - self._tick
+        self._fresh_after = now - self._recheck_after + self._tick
         return now
 
     def _start_maintenance(self) -> None:
@@ -808,7 +806,7 @@ class Pool:
         if rec is not None:
             # the hot path: a fresh connection whose socket is quiet (fresh by
             # the clock of the last tick: see _tick_clock)
-            if self._now < rec.check_at:
+            if rec.last_used > self._fresh_after and self._now < rec.check_by:
                 poller = rec.poller
                 if poller is None or not poller.poll(0, 1):  # a non-empty list if suspect
                     proxy = PooledConnection()  # _lease(self, rec), inlined
@@ -870,12 +868,6 @@ class Pool:
         let go of and being closed. Derived, not counted, so that a checkout
         and a checkin on the hot path change no counter but ``acquired``."""
         return self._open - self._opening - self._closing - len(self._idle)
-
-    def _touch(self, rec: _Conn, now: float) -> None:
-        """``rec`` was used at ``now``: when does it need a look before reuse?"""
-        rec.last_used = now
-        limit = now + self._recheck_after - self._tick  # a tick early: see _tick_clock
-        rec.check_at = limit if limit < rec.check_by else rec.check_by
 
     def _acquire_slow(self, deadline: float, fresh_only: bool = False) -> tuple[_Conn | None, bool]:
         """No idle connection was free: open one, or wait in line. Returns a
@@ -1129,7 +1121,6 @@ class Pool:
             expires = now + lifetime
             rec = _Conn(raw, next(self._ids), generation, epoch, now, expires, self._orphans, expires - self._tick)
             rec.ticket = rec.era = era
-            self._touch(rec, now)
             if self._liveness:
                 rec.poller = liveness_probe(self._driver, raw)  # type: ignore[arg-type]
             rec.fd = self._driver.cut_fd(raw)  # type: ignore[union-attr]
@@ -1519,7 +1510,7 @@ class Pool:
             except Exception as exc:
                 logger.warning("pool %r: is_valid raised on connection %d: %r", self.name, rec.id, exc)
                 return "invalid"
-        self._touch(rec, self._clock())
+        rec.last_used = self._clock()
         return None
 
     def _restore_settings(self, rec: _Conn) -> str | None:
@@ -2262,10 +2253,7 @@ class PooledConnection:
         if state:  # not IDLE: roll back, or let it go
             pool._checkin(rec, state)
             return
-        # _touch(), inlined, on the clock of the last tick (see Pool._tick_clock)
-        rec.last_used = pool._now
-        limit = pool._next_check
-        rec.check_at = limit if limit < rec.check_by else rec.check_by
+        rec.last_used = pool._now  # by the clock of the last tick (see Pool._tick_clock)
         lock = pool._lock
         lock.acquire()  # by hand, as in acquire(): this is the hot path
         try:

@@ -654,6 +654,22 @@ def test_a_connection_due_for_a_look_is_never_handed_out_unchecked(make_pool: An
     assert min(seen.values()) >= 5, seen  # each case came up
 
 
+def test_ping_after_zero_pings_every_reuse_however_late_the_tick(make_pool: Any, clock: Any) -> None:
+    # ping_after=0 asks for a ping at every reuse: not a deadline the hot
+    # path compares, so a maintenance thread held up (no tick here while the
+    # clock moves on) cannot let a reuse through unpinged. is_valid makes the
+    # return note the connection's last use on the clock itself.
+    pool = make_pool(ping_after=0, is_valid=lambda raw: True, maintenance_interval=1.0)
+    clock.now += 5  # by hand: no tick
+    with pool.connection() as conn:
+        raw = conn.driver_connection
+    for i in range(3):
+        clock.now += 5
+        with pool.connection() as conn:
+            assert conn.driver_connection is raw
+        assert raw.pings == i + 1
+
+
 def test_the_maintenance_thread_ticks_the_hot_paths_clock(server: fakedb.Server) -> None:
     # On the real clock, with the pool's own thread: a tick of 0.1 s (a
     # quarter of ping_after), and no round (which reads the clock too) within
