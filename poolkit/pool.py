@@ -225,6 +225,7 @@ class _Conn:
         "checked_out_at",
         "created_at",
         "cut",
+        "embedded",
         "epoch",
         "era",
         "expires_at",
@@ -293,7 +294,11 @@ class _Conn:
         # return: see Pool._tick_clock), or opened or checked
         self.last_used = now
         # the expiry, one tick early: from then on it goes to the checks
+        # (for an embedded database: see Pool._tick_clock)
         self.check_by = expires_at if check_by is None else check_by
+        # the database lives in this process (Driver.embedded): its idle time
+        # and lifetime are judged by the clock of the last tick at checkout
+        self.embedded = False
         # handed out before, and so due for reset_session at its next checkout
         # (set by _lease: the hot checkout does not hand out connections of a
         # pool that resets them at checkout, which are all due for a look)
@@ -341,6 +346,7 @@ class _Conn:
             )
             twin.orphans = self.orphans
             twin.poller = self.poller
+            twin.embedded = self.embedded
             twin.fd = self.fd
             twin.used = self.used
             twin.bad = self.bad
@@ -618,11 +624,12 @@ class Pool:
         if (reset_session and not self._reset_on_return) or leak_timeout is not None or self._recheck_after <= 0:
             self._recheck_after = -_INF
         self._maintenance_interval = float(maintenance_interval)
-        # The hot path reads no clock (the two reads were a sixth of a
-        # checkout and checkin): it compares the clock as the maintenance
-        # thread last read it, at most a tick ago (_now), against deadlines set
-        # a tick early, so that a connection due for a look never passes for
-        # fresh. The checks themselves read the clock (see _tick_clock).
+        # The return reads no clock, nor does the checkout of an embedded
+        # database's connection (two reads were a sixth of a checkout and
+        # checkin): they use the clock as the maintenance thread last read it,
+        # at most a tick ago (_now), the checkout against deadlines set a tick
+        # early, so that a connection due for a look never passes for fresh.
+        # The checks themselves read the clock (see _tick_clock).
         r = self._recheck_after
         self._tick = self._maintenance_interval
         if 0 < r < _INF:
@@ -747,17 +754,20 @@ class Pool:
         The maintenance thread calls this every tick (``maintenance_interval``,
         or a quarter of ``ping_after`` or ``max_idle_time`` if shorter, but not
         under 0.05 s), so ``_now`` lags the clock by a tick at most. The plain
-        return notes ``_now`` as the connection's last use; the hot checkout
-        hands a connection out unchecked only if it was last used after
-        ``_fresh_after`` (``_now`` less the time a connection may stay idle
-        unchecked, plus a tick) and ``_now`` is short of its ``check_by`` (its
-        expiry less a tick). So a connection idle for ``ping_after`` (or past
-        its lifetime) always goes to the checks, which read the clock and
-        decide as exactly as before; one within a tick of it may go there too,
-        and its idle time, counted from up to a tick before its return, may
-        come out that much longer: a ping a little early, never one skipped.
-        (If the thread falls behind, the checks come late by as much: see
-        README.)"""
+        return notes ``_now`` as the connection's last use: up to a tick
+        early, so its idle time may come out that much longer (a ping a
+        little early, never one skipped). The hot checkout of a connection to
+        a server reads the clock itself: a process paused (a frozen
+        container) cannot tick, and a connection idle through the pause must
+        be pinged at the first checkout after it. That of an embedded
+        database (``Driver.embedded``: sqlite3), which nothing can cut while
+        idle, reads none: it hands a connection out unchecked only if it was
+        last used after ``_fresh_after`` (``_now`` less the time a connection
+        may stay idle unchecked, plus a tick) and ``_now`` is short of its
+        ``check_by`` (its expiry less a tick). So one idle for ``ping_after``
+        (or past its lifetime) still goes to the checks, which read the clock
+        and decide, unless the thread fell behind: then they come late by as
+        much."""
         now = self._clock()
         self._now = now
         self._fresh_after = now - self._recheck_after + self._tick
@@ -804,17 +814,30 @@ class Pool:
         finally:
             lock.release()
         if rec is not None:
-            # the hot path: a fresh connection whose socket is quiet (fresh by
-            # the clock of the last tick: see _tick_clock)
-            if rec.last_used > self._fresh_after and self._now < rec.check_by:
-                poller = rec.poller
-                if poller is None or not poller.poll(0, 1):  # a non-empty list if suspect
-                    proxy = PooledConnection()  # _lease(self, rec), inlined
-                    proxy._pool = rec.pool = self
-                    proxy._rec = rec
-                    return proxy
-                return self._acquire_checked(rec, True, timeout)
-            return self._acquire_checked(rec, None, timeout)  # not probed yet
+            # the hot path: a fresh connection whose socket is quiet
+            if rec.embedded:
+                # Nothing can cut it while idle: fresh by the clock of the
+                # last tick (see _tick_clock).
+                if rec.last_used <= self._fresh_after or self._now >= rec.check_by:
+                    return self._acquire_checked(rec, None, timeout)
+            else:
+                # A connection to a server: fresh by the clock itself, so that
+                # one idle through a pause of the process (a frozen container,
+                # before the maintenance thread has ticked) is pinged at once.
+                # Its last use is the return's tick, up to a tick early: a ping
+                # may come that much early, never late. Called through a
+                # local: on 3.11 a method call on a slot is never specialised.
+                clock = self._clock
+                now = clock()
+                if now - rec.last_used >= self._recheck_after or now >= rec.expires_at:
+                    return self._acquire_checked(rec, None, timeout)
+            poller = rec.poller
+            if poller is None or not poller.poll(0, 1):  # a non-empty list if suspect
+                proxy = PooledConnection()  # _lease(self, rec), inlined
+                proxy._pool = rec.pool = self
+                proxy._rec = rec
+                return proxy
+            return self._acquire_checked(rec, True, timeout)
         return self._acquire_loop(time.monotonic() + (self._timeout if timeout is None else timeout))
 
     def _acquire_checked(self, rec: _Conn, suspect: bool | None, timeout: float | None) -> PooledConnection:
@@ -1121,6 +1144,7 @@ class Pool:
             expires = now + lifetime
             rec = _Conn(raw, next(self._ids), generation, epoch, now, expires, self._orphans, expires - self._tick)
             rec.ticket = rec.era = era
+            rec.embedded = self._driver.embedded(raw)  # type: ignore[union-attr]
             if self._liveness:
                 rec.poller = liveness_probe(self._driver, raw)  # type: ignore[arg-type]
             rec.fd = self._driver.cut_fd(raw)  # type: ignore[union-attr]

@@ -247,4 +247,14 @@ class FakeDriver(Driver):
         return super().classify_one(exc)
 
 
+class EmbeddedFakeDriver(FakeDriver):
+    """The fake as if its database lived in the process, as sqlite3's does
+    (Driver.embedded): pass it as a pool's ``driver``."""
+
+    name = "fakedb-embedded"
+
+    def embedded(self, conn: Any) -> bool:
+        return True
+
+
 register_driver(__name__.partition(".")[0], FakeDriver())

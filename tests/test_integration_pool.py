@@ -45,6 +45,34 @@ def test_connection_killed_while_idle_is_never_handed_out(net_backend: Any) -> N
         assert s.closed_bad == 1
 
 
+def test_a_pause_of_the_process_is_seen_at_the_next_checkout_of_a_server_connection(backend: Any) -> None:
+    """The process paused for a minute (a frozen container, an AWS Lambda
+    between requests) and its maintenance thread did not tick: the clock
+    jumps, no tick follows. The next checkout of a connection to a server
+    (which a proxy may have cut meanwhile) pings it; an sqlite3 connection
+    (nothing cut it) is judged by the clock of the last tick, and pinged
+    once the tick comes."""
+    offset = 0.0
+
+    def clock() -> float:
+        return time.monotonic() + offset
+
+    with Pool(backend.connect, max_size=1, name=backend.name, ping_after=30, clock=clock) as pool:
+        with pool.connection():
+            pass
+        offset += 60
+        with pool.connection() as conn:
+            cur = conn.cursor()
+            cur.execute("SELECT 1")
+            assert cur.fetchone()[0] == 1
+        if backend.name == "sqlite":
+            assert pool.stats().pings == 0
+            pool._tick_clock()
+            with pool.connection():
+                pass
+        assert pool.stats().pings == 1
+
+
 def test_a_connection_its_driver_closed_behind_the_pools_back_is_discarded_on_return(net_backend: Any) -> None:
     """The driver closes its socket on an error the pool never saw (raised on
     the driver's own connection). The probe cannot see a closed socket (it

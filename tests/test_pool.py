@@ -580,10 +580,14 @@ def test_ping_runs_only_after_ping_after_seconds_idle(make_pool: Any, clock: Any
     assert pool.stats().pings == 1
 
 
-def test_the_hot_path_reads_no_clock(make_pool: Any, clock: Any) -> None:
-    # A checkout and a checkin of a connection that needs no look compare the
-    # clock as the maintenance thread last read it (Pool._tick_clock): they
-    # call none of their own.
+@pytest.mark.parametrize("embedded", [False, True], ids=["server", "embedded"])
+def test_the_hot_path_reads_the_clock_once_for_a_server_never_for_an_embedded_database(
+    make_pool: Any, clock: Any, embedded: bool
+) -> None:
+    # The return notes a connection's last use on the clock of the last tick
+    # (Pool._tick_clock): no clock call. The checkout of a connection to a
+    # server reads the clock (a process paused, the tick is late); that of an
+    # embedded database, which nothing can cut while idle, does not.
     me = threading.get_ident()
     reads = 0
 
@@ -593,27 +597,38 @@ def test_the_hot_path_reads_no_clock(make_pool: Any, clock: Any) -> None:
             reads += 1
         return clock()
 
-    pool = make_pool(clock=counting)
+    pool = make_pool(clock=counting, driver=fakedb.EmbeddedFakeDriver() if embedded else None)
     with pool.connection():
         pass
     before = reads
     for _ in range(100):
         with pool.connection():
             pass
-    assert reads == before
+    assert reads == before + (0 if embedded else 100)
     assert pool.stats().acquired == 101 and type(pool.stats().acquired) is int
 
 
+@pytest.mark.parametrize("embedded", [False, True], ids=["server", "embedded"])
 @pytest.mark.parametrize("seed", range(6))
-def test_a_connection_due_for_a_look_is_never_handed_out_unchecked(make_pool: Any, clock: Any, seed: int) -> None:
-    # The hot path compares the clock as the maintenance thread last read it,
-    # up to a tick ago. Ticks come at random, never more than a tick apart;
+def test_a_connection_due_for_a_look_is_never_handed_out_unchecked(
+    make_pool: Any, clock: Any, seed: int, embedded: bool
+) -> None:
+    # The return notes the clock as the maintenance thread last read it, up
+    # to a tick ago; so does the checkout of an embedded database's
+    # connection. Ticks come at random, never more than a tick apart;
     # checkouts come at random between them. Whatever the lag, a connection
     # idle for ping_after is pinged, and one past its lifetime is not handed
     # out; and a connection idle for less than ping_after less a tick is not
     # pinged, nor one short of its lifetime replaced.
     rnd = random.Random(seed)
-    pool = make_pool(max_size=1, ping_after=10, max_lifetime=100, lifetime_jitter=0, max_idle_time=None)
+    pool = make_pool(
+        max_size=1,
+        ping_after=10,
+        max_lifetime=100,
+        lifetime_jitter=0,
+        max_idle_time=None,
+        driver=fakedb.EmbeddedFakeDriver() if embedded else None,
+    )
     tick = pool._tick
     assert tick == 2.5  # ping_after / 4
     events: list[tuple[float, str]] = []
@@ -654,12 +669,38 @@ def test_a_connection_due_for_a_look_is_never_handed_out_unchecked(make_pool: An
     assert min(seen.values()) >= 5, seen  # each case came up
 
 
-def test_ping_after_zero_pings_every_reuse_however_late_the_tick(make_pool: Any, clock: Any) -> None:
+def test_a_connection_to_a_server_idle_through_a_pause_is_pinged_at_once(make_pool: Any, clock: Any) -> None:
+    # The whole process paused (a frozen container, an AWS Lambda between
+    # requests): the maintenance thread could not tick, and the first
+    # checkout after it may come before its next tick. A connection to a
+    # server, which a proxy may have cut meanwhile, is judged by the clock
+    # itself: pinged at once. An embedded database's, which nothing cut, is
+    # judged by the clock of the last tick: pinged once the tick comes.
+    server_pool = make_pool(ping_after=10)
+    embedded_pool = make_pool(ping_after=10, driver=fakedb.EmbeddedFakeDriver())
+    raws = []
+    for pool in (server_pool, embedded_pool):
+        with pool.connection() as conn:
+            raws.append(conn.driver_connection)
+    clock.now += 600  # by hand: no tick
+    for pool in (server_pool, embedded_pool):
+        with pool.connection():
+            pass
+    assert [raw.pings for raw in raws] == [1, 0]
+    embedded_pool._tick_clock()
+    with embedded_pool.connection():
+        pass
+    assert raws[1].pings == 1
+
+
+@pytest.mark.parametrize("embedded", [False, True], ids=["server", "embedded"])
+def test_ping_after_zero_pings_every_reuse_however_late_the_tick(make_pool: Any, clock: Any, embedded: bool) -> None:
     # ping_after=0 asks for a ping at every reuse: not a deadline the hot
     # path compares, so a maintenance thread held up (no tick here while the
     # clock moves on) cannot let a reuse through unpinged. is_valid makes the
     # return note the connection's last use on the clock itself.
-    pool = make_pool(ping_after=0, is_valid=lambda raw: True, maintenance_interval=1.0)
+    driver = fakedb.EmbeddedFakeDriver() if embedded else None
+    pool = make_pool(ping_after=0, is_valid=lambda raw: True, maintenance_interval=1.0, driver=driver)
     clock.now += 5  # by hand: no tick
     with pool.connection() as conn:
         raw = conn.driver_connection
@@ -673,9 +714,9 @@ def test_ping_after_zero_pings_every_reuse_however_late_the_tick(make_pool: Any,
 def test_the_maintenance_thread_ticks_the_hot_paths_clock(server: fakedb.Server) -> None:
     # On the real clock, with the pool's own thread: a tick of 0.1 s (a
     # quarter of ping_after), and no round (which reads the clock too) within
-    # the test. A connection idle past ping_after is pinged; one just
-    # returned is not.
-    pool = Pool(server.connect, ping_after=0.4, maintenance_interval=30)
+    # the test. A connection of an embedded database (judged by the clock of
+    # the last tick) idle past ping_after is pinged; one just returned is not.
+    pool = Pool(server.connect, ping_after=0.4, maintenance_interval=30, driver=fakedb.EmbeddedFakeDriver())
     try:
         assert pool._tick == pytest.approx(0.1)
         with pool.connection() as conn:

@@ -134,6 +134,18 @@ class Driver:
             return fd if isinstance(fd, int) and fd >= 0 else None
         return None
 
+    def embedded(self, conn: Any) -> bool:
+        """Whether the database lives in this process (sqlite3), so that no
+        network, proxy or server can cut the connection while it sits idle.
+        The checkout's fast path then judges its idle time and lifetime by
+        the pool's clock as the maintenance thread last read it, a tick ago
+        at most (see ``Pool._tick_clock``), which saves a clock read; a
+        connection to a server, by the clock itself, so that one idle through
+        a pause of the whole process (a frozen container, an AWS Lambda
+        between requests), when the maintenance thread could not tick, is
+        pinged as soon as the process thaws. The default: not embedded."""
+        return False
+
     def cut_fd(self, conn: Any) -> int | None:
         """The socket the pool shuts down to cut a wait for a server that
         does not answer (see ``Pool._guarded_wait``); None: not to be cut.
@@ -384,6 +396,12 @@ class DelegatingDriver(Driver):
     def open(self, conn: Any) -> None:
         raw, d = self._inner(conn)
         d.open(raw)
+
+    def embedded(self, conn: Any) -> bool:
+        if self.unwrap(conn) is None:
+            return False
+        raw, d = self._inner(conn)
+        return d.embedded(raw)
 
     def transaction_state(self, conn: Any) -> int:
         if self.unwrap(conn) is None:

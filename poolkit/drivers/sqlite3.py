@@ -38,6 +38,9 @@ class SQLite3Driver(Driver):
     def socket_fd(self, conn: Any) -> int | None:
         return None
 
+    def embedded(self, conn: Any) -> bool:
+        return True  # a file (or memory) of this process: nothing cuts it while idle
+
     def transaction_state(self, conn: Any) -> int:
         try:
             return IN_TRANSACTION if conn.in_transaction else IDLE
