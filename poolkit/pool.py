@@ -193,6 +193,17 @@ _COMMITS_FIRST = frozenset({"begin", "executescript"})
 _UNDONE_BY = {"add_notice_handler": "remove_notice_handler", "add_notify_handler": "remove_notify_handler"}
 
 
+def _close_held_cursor(cur: Any) -> None:
+    """Close a cursor declared WITH HOLD through the proxy, on return. One
+    whose transaction was rolled back is gone from the server already, and
+    psycopg's CLOSE of it fails with invalid_cursor_name: nothing to undo."""
+    try:
+        cur.close()
+    except Exception as exc:
+        if getattr(exc, "sqlstate", None) != "34000":
+            raise
+
+
 class _Undo:
     """In ``_Conn.saved``: what undoes a call made through the proxy."""
 
@@ -2172,6 +2183,11 @@ class PooledConnection:
             cur = rec.raw.cursor(*args, **kwargs)
         except Exception as exc:
             self._raise_observed(exc)
+        if kwargs and kwargs.get("withhold"):
+            # psycopg's WITH HOLD server cursor outlives the transaction, and
+            # so the checkout: left open, it kept its rows on the server and
+            # its name taken for the next borrower (DuplicateCursor).
+            _save(rec, f"cursor#{len(rec.saved or ())}", _Undo(functools.partial(_close_held_cursor, cur)))
         return _wrap_cursor(cur, self)
 
     def execute(self, *args: Any, **kwargs: Any) -> PooledCursor:

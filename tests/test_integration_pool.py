@@ -178,6 +178,30 @@ def test_a_read_only_session_is_not_left_to_the_next_borrower(pg: Any, table: st
     assert pg.execute(f"SELECT count(*) FROM {table}")[0][0] == 1
 
 
+@pytest.mark.parametrize("commit", [True, False], ids=["committed", "rolled-back"])
+def test_a_held_cursor_left_open_does_not_reach_the_next_borrower(pg: Any, commit: bool) -> None:
+    """psycopg's WITH HOLD server cursor outlives its transaction: left open
+    at return, it kept its rows on the server and its name taken, and the
+    next borrower's cursor of that name failed with DuplicateCursor. The
+    return closes it (one whose transaction the return rolled back is gone
+    already), and keeps the connection."""
+    with Pool(pg.connect, max_size=1, name="pg") as pool:
+        with pool.connection() as conn:
+            cur = conn.cursor("held", withhold=True)
+            cur.execute("SELECT generate_series(1, 1000)")
+            if commit:
+                conn.commit()
+            assert cur.fetchone()[0] == 1
+        with pool.connection() as conn:
+            assert conn.execute("SELECT count(*) FROM pg_cursors").fetchone()[0] == 0
+            cur = conn.cursor("held", withhold=True)
+            cur.execute("SELECT 2")
+            assert cur.fetchone()[0] == 2
+            cur.close()
+            conn.commit()
+        assert pool.stats().closed == 0
+
+
 def test_psycopgs_set_methods_are_settings_too(pg: Any, table: str) -> None:
     # conn.set_autocommit(True), set_read_only(True)... change what the
     # assignments change, and were read through to the driver: left on for
