@@ -232,7 +232,6 @@ class _Conn:
         "__weakref__",
         "adopted",
         "bad",
-        "check_by",
         "checked_out_at",
         "created_at",
         "cut",
@@ -271,7 +270,6 @@ class _Conn:
         now: float,
         expires_at: float,
         orphans: deque[_Conn] | None = None,
-        check_by: float | None = None,
     ) -> None:
         self.raw = raw
         # the pool, while a proxy holds this record (set by _lease, cleared
@@ -304,9 +302,6 @@ class _Conn:
         # when it was returned (by the clock of the last tick on the plain
         # return: see Pool._tick_clock), or opened or checked
         self.last_used = now
-        # the expiry, one tick early: from then on it goes to the checks
-        # (for an embedded database: see Pool._tick_clock)
-        self.check_by = expires_at if check_by is None else check_by
         # the database lives in this process (Driver.embedded): its idle time
         # and lifetime are judged by the clock of the last tick at checkout
         self.embedded = False
@@ -352,9 +347,7 @@ class _Conn:
             orphans = None if self.orphans is None else self.orphans()
             if orphans is None:  # the pool is gone (and its idle records with it)
                 return
-            twin = _Conn(
-                self.raw, self.id, self.generation, self.epoch, self.created_at, self.expires_at, check_by=self.check_by
-            )
+            twin = _Conn(self.raw, self.id, self.generation, self.epoch, self.created_at, self.expires_at)
             twin.orphans = self.orphans
             twin.poller = self.poller
             twin.embedded = self.embedded
@@ -505,6 +498,7 @@ class Pool:
         "_max_waiting",
         "_min_size",
         "_now",
+        "_now_ahead",
         "_open",
         "_opening",
         "_orphans",
@@ -648,7 +642,6 @@ class Pool:
         self._handoff_after = float(handoff_after)
         self._handoff_streak = handoff_streak
         self._clock = clock
-        self._tick_clock()
         self._random = random.Random()
         self._ids = itertools.count(1)
         self.retry = self._resolve_retry(retry)
@@ -774,20 +767,21 @@ class Pool:
         database (``Driver.embedded``: sqlite3), which nothing can cut while
         idle, reads none: it hands a connection out unchecked only if it was
         last used after ``_fresh_after`` (``_now`` less the time a connection
-        may stay idle unchecked, plus a tick) and ``_now`` is short of its
-        ``check_by`` (its expiry less a tick). So one idle for ``ping_after``
+        may stay idle unchecked, plus a tick) and ``_now_ahead`` (``_now``
+        plus a tick) is short of its expiry. So one idle for ``ping_after``
         (or past its lifetime) still goes to the checks, which read the clock
         and decide, unless the thread fell behind: then they come late by as
         much."""
         now = self._clock()
         self._now = now
         self._fresh_after = now - self._recheck_after + self._tick
+        self._now_ahead = now + self._tick
         return now
 
     def _start_maintenance(self) -> None:
         from poolkit._maintenance import start_maintenance
 
-        self._tick_clock()
+        self._tick_clock()  # the first reading (and, in a forked child, a fresh one)
         self._maintainer = start_maintenance(self)
 
     # --------------------------------------------------------------- checkout
@@ -829,7 +823,7 @@ class Pool:
             if rec.embedded:
                 # Nothing can cut it while idle: fresh by the clock of the
                 # last tick (see _tick_clock).
-                if rec.last_used <= self._fresh_after or self._now >= rec.check_by:
+                if rec.last_used <= self._fresh_after or self._now_ahead >= rec.expires_at:
                     return self._acquire_checked(rec, None, timeout)
             else:
                 # A connection to a server: fresh by the clock itself, so that
@@ -1152,8 +1146,7 @@ class Pool:
             raw = self._connect_until(deadline, quiet)  # closes what it opened if it fails
             now = self._clock()
             lifetime = self._max_lifetime * (1.0 - self._lifetime_jitter * self._random.random())
-            expires = now + lifetime
-            rec = _Conn(raw, next(self._ids), generation, epoch, now, expires, self._orphans, expires - self._tick)
+            rec = _Conn(raw, next(self._ids), generation, epoch, now, now + lifetime, self._orphans)
             rec.ticket = rec.era = era
             rec.embedded = self._driver.embedded(raw)  # type: ignore[union-attr]
             if self._liveness:

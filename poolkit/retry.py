@@ -172,8 +172,9 @@ class Ledger:
         transaction of its own and ends it, so it is refused on a connection
         in a transaction (inside ``pool.run`` or ``pool.transaction``, or of
         the caller's: what it has not committed would be rolled back)."""
-        conn._refuse_if_owned("pool.ledger.committed(), which rolls back the transaction it reads in,")
-        self._refuse_open_transaction(conn, "pool.ledger.committed(), which rolls back the transaction it reads in,")
+        what = "pool.ledger.committed(), which rolls back the transaction it reads in,"
+        conn._refuse_if_owned(what)
+        self._refuse_open_transaction(conn, what)
         self.ensure(conn)
         ph = conn.pool._driver.placeholder(conn.driver_connection)  # type: ignore[union-attr]
         cur = conn.cursor()
@@ -198,8 +199,9 @@ class Ledger:
     def prune(self, conn: PooledConnection, older_than: float) -> int:
         """Delete ids recorded more than ``older_than`` seconds ago; returns
         how many. Commits (so not inside ``pool.run`` or ``pool.transaction``)."""
-        conn._refuse_if_owned("Ledger.prune(), which commits,")
-        self._refuse_open_transaction(conn, "Ledger.prune(), which commits,")
+        what = "Ledger.prune(), which commits,"
+        conn._refuse_if_owned(what)
+        self._refuse_open_transaction(conn, what)
         self.ensure(conn)
         driver = conn.pool._driver
         assert driver is not None
